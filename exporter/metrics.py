@@ -1,0 +1,210 @@
+"""Every metric the training exporter publishes: name, type, help, unit, labels, buckets.
+
+This module is the single source of truth. ``docs/metrics.md``, the Prometheus
+rules and the dashboards are checked against it by tests, so a rename here must
+be carried to every consumer in the same change.
+
+Every family additionally carries the constant labels of the run (``run_id``,
+any extra labels from the configuration and, when each rank exports, ``rank``);
+those are prepended by :class:`exporter.core.TrainingMonitor` and are not
+listed per family below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["gauge", "counter", "histogram"]
+
+NAMESPACE = "training"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Kind
+    help: str
+    unit: str = ""
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    # Who produces it: the core (pushed on training events) or a scrape-time collector.
+    source: str = "core"
+
+    @property
+    def exposed_name(self) -> str:
+        """The sample name a scrape shows (counters gain ``_total`` once)."""
+        return self.name
+
+
+# Step durations of fine-tuning runs range from ~10 ms (tiny models, CPU tests)
+# to a couple of minutes (8B models with long sequences and accumulation).
+# Roughly x2.5 apart so that histogram_quantile() stays within ~25% anywhere
+# in that range, and no more than 14 buckets to keep the series count small.
+STEP_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# Token-level cross-entropy of language models: ln(vocab) ~ 10-12 nats at
+# initialisation, 0.01-0.5 for a converged fine-tune of a narrow task. Buckets
+# are log-spaced over that span so both early and late training resolve.
+LOSS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)
+
+
+def _g(name: str, help: str, unit: str = "", labels: tuple[str, ...] = (), source: str = "core") -> MetricSpec:
+    return MetricSpec(name=name, kind="gauge", help=help, unit=unit, labels=labels, source=source)
+
+
+def _c(name: str, help: str, labels: tuple[str, ...] = (), source: str = "core") -> MetricSpec:
+    return MetricSpec(name=name, kind="counter", help=help, labels=labels, source=source)
+
+
+INFO = _g(
+    "training_info",
+    "Constant 1; labels describe the run (model, adapter, library versions).",
+    labels=("model", "model_type", "adapter", "exporter_version", "torch_version", "transformers_version"),
+)
+STATE = _g(
+    "training_state",
+    "1 for the current state of the run, 0 for the others.",
+    labels=("state",),
+)
+STATES = ("idle", "training", "paused", "completed", "crashed")
+STEP = _g("training_step", "Optimizer steps completed (Trainer global_step).")
+MAX_STEPS = _g("training_max_steps", "Optimizer steps the run is scheduled to take.")
+EPOCH = _g("training_epoch", "Fractional epoch reached.")
+START_TIME = _g("training_start_time_seconds", "Unix time the run started.", unit="seconds")
+LAST_STEP_TIME = _g(
+    "training_last_step_timestamp_seconds", "Unix time the last optimizer step ended.", unit="seconds"
+)
+
+LOSS = _g("training_loss", "Training loss of the last optimizer step as computed (NaN/Inf exported as is).")
+LOSS_EMA = _g("training_loss_ema", "Exponential moving average of the finite step losses.")
+LOSS_VARIANCE = _g("training_loss_variance", "Variance of the finite step losses over the rolling window.")
+STEP_LOSS = MetricSpec(
+    name="training_step_loss",
+    kind="histogram",
+    help="Distribution of finite step losses (non-finite ones are counted in training_nonfinite_loss_total).",
+    buckets=LOSS_BUCKETS,
+)
+NONFINITE_LOSS = _c("training_nonfinite_loss_total", "Optimizer steps whose loss was NaN or Inf.")
+
+LEARNING_RATE = _g("training_learning_rate", "Learning rate of the first parameter group used by the last step.")
+GRAD_NORM = _g("training_grad_norm", "Global L2 norm of the gradients before clipping.")
+LAYER_GRAD_NORM = _g(
+    "training_layer_grad_norm",
+    "L2 norm of the gradients of one module of one layer (layer -1: embeddings), sampled.",
+    labels=("layer", "module"),
+)
+DEAD_LAYERS = _g(
+    "training_dead_layers",
+    "Trainable (layer, module) groups whose gradient norm was exactly zero at the last sample.",
+)
+TRAINABLE_GROUPS = _g("training_trainable_groups", "Trainable (layer, module) groups being watched.")
+NONFINITE_GRADIENTS = _c(
+    "training_nonfinite_gradients_total", "Sampled steps whose gradients held a NaN or Inf."
+)
+UPDATE_RATIO = _g(
+    "training_layer_update_ratio",
+    "||W_after - W_before|| / ||W_before|| of one optimizer step for one trainable module, sampled.",
+    unit="ratio",
+    labels=("layer", "module"),
+)
+
+TOKENS = _c("training_tokens_total", "Non-padding input tokens consumed by training (attention mask sum).")
+SAMPLES = _c("training_samples_total", "Training sequences consumed.")
+STEP_DURATION = MetricSpec(
+    name="training_step_duration_seconds",
+    kind="histogram",
+    help="Wall time of one optimizer step, from on_step_begin to on_step_end.",
+    unit="seconds",
+    buckets=STEP_DURATION_BUCKETS,
+)
+
+TOKEN_ENTROPY = _g(
+    "training_token_entropy_nats",
+    "Mean entropy of the next-token distribution over labelled positions of a sampled batch.",
+    unit="nats",
+)
+TOP1_CONFIDENCE = _g(
+    "training_top1_confidence_ratio",
+    "Mean probability of the most likely token over labelled positions of a sampled batch.",
+    unit="ratio",
+)
+TOP5_CONFIDENCE = _g(
+    "training_top5_confidence_ratio",
+    "Mean probability mass of the five most likely tokens over labelled positions of a sampled batch.",
+    unit="ratio",
+)
+
+EVAL_LOSS = _g("training_eval_loss", "Loss of the last evaluation.")
+EVAL_METRIC = _g(
+    "training_eval_metric",
+    "Any other number the last evaluation reported (eval_ prefix stripped into the name label).",
+    labels=("name",),
+)
+EVALUATIONS = _c("training_evaluations_total", "Evaluations run.")
+
+GPU_TEMPERATURE = _g(
+    "training_gpu_temperature_celsius", "GPU core temperature.", unit="celsius", labels=("gpu", "UUID"), source="gpu"
+)
+GPU_MEMORY_USED = _g(
+    "training_gpu_memory_used_bytes", "GPU memory in use.", unit="bytes", labels=("gpu", "UUID"), source="gpu"
+)
+GPU_MEMORY_TOTAL = _g(
+    "training_gpu_memory_total_bytes", "GPU memory installed.", unit="bytes", labels=("gpu", "UUID"), source="gpu"
+)
+GPU_UTILIZATION = _g(
+    "training_gpu_utilization_ratio",
+    "Fraction of the last sample period during which a kernel ran on the GPU.",
+    unit="ratio",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+GPU_POWER = _g("training_gpu_power_watts", "GPU power draw.", unit="watts", labels=("gpu", "UUID"), source="gpu")
+GPU_POWER_LIMIT = _g(
+    "training_gpu_power_limit_watts", "GPU enforced power limit.", unit="watts", labels=("gpu", "UUID"), source="gpu"
+)
+
+HOST_CPU = _g(
+    "training_host_cpu_utilization_ratio",
+    "Host CPU utilisation since the previous scrape, all cores.",
+    unit="ratio",
+    source="host",
+)
+HOST_MEMORY_USED = _g(
+    "training_host_memory_used_bytes", "Host memory in use (total - available).", unit="bytes", source="host"
+)
+HOST_MEMORY_TOTAL = _g("training_host_memory_total_bytes", "Host memory installed.", unit="bytes", source="host")
+HOST_SWAP_USED = _g("training_host_swap_used_bytes", "Host swap in use.", unit="bytes", source="host")
+HOST_SWAP_TOTAL = _g("training_host_swap_total_bytes", "Host swap configured.", unit="bytes", source="host")
+HOST_DISK_USED = _g(
+    "training_host_disk_used_bytes", "Used space of the filesystem holding the output dir.", unit="bytes", source="host"
+)
+HOST_DISK_TOTAL = _g(
+    "training_host_disk_total_bytes", "Size of the filesystem holding the output dir.", unit="bytes", source="host"
+)
+PROCESS_RSS = _g(
+    "training_process_resident_memory_bytes", "Resident memory of the training process.", unit="bytes", source="host"
+)
+
+COLLECTOR_ERRORS = _c(
+    "training_exporter_collector_errors_total",
+    "Failures inside the exporter, by collector; training went on.",
+    labels=("collector",),
+    source="self",
+)
+COLLECTOR_DURATION = _g(
+    "training_exporter_scrape_collector_duration_seconds",
+    "Time the collector took during the last scrape.",
+    unit="seconds",
+    labels=("collector",),
+    source="self",
+)
+
+ALL: tuple[MetricSpec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, MetricSpec))
+
+
+def exposed_names(spec: MetricSpec) -> tuple[str, ...]:
+    """Sample names a scrape shows for a family (histograms expand to three)."""
+    if spec.kind == "histogram":
+        return (f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count")
+    return (spec.name,)
