@@ -27,7 +27,7 @@ class ErrorTracker:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
-    def record(self, collector: str, exc: BaseException) -> None:
+    def record(self, collector: str, exc: BaseException, traceback: bool = True) -> None:
         try:
             if self._counter is not None:
                 self._counter.labels(**self._const, collector=collector).inc()
@@ -41,7 +41,7 @@ class ErrorTracker:
                     collector,
                     type(exc).__name__,
                     exc,
-                    exc_info=exc,
+                    exc_info=exc if traceback else None,
                 )
         except Exception:  # pragma: no cover - accounting must never raise either
             pass

@@ -1,0 +1,172 @@
+"""``transformers.TrainerCallback`` adapter over :class:`exporter.core.TrainingMonitor`.
+
+Usage::
+
+    from exporter import PrometheusCallback
+    trainer = Trainer(..., callbacks=[PrometheusCallback(listen_address=":9945")])
+
+What it reads, and why from there:
+  * the loss of every micro-batch from a forward hook on the model, because
+    callback hooks receive no loss and ``logs["loss"]`` hides NaN/Inf under the
+    default ``logging_nan_inf_filter=True``;
+  * gradients in ``on_pre_optimizer_step`` (after clipping, before the update,
+    once per optimizer step), the pre-clip global norm from ``logs["grad_norm"]``;
+  * update ratios between ``on_pre_optimizer_step`` and ``on_optimizer_step``.
+
+Multi-process runs (torchrun / accelerate): ``ranks="zero"`` (default) exports
+from the world-process-zero only; ``ranks="all"`` exports from every rank on
+``port + LOCAL_RANK`` with a ``rank`` label. Gradients are all-reduced before the
+optimizer step under DDP, so per-layer gradient and update statistics are
+exported by rank 0 only in both modes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from exporter.config import ExporterConfig
+from exporter.core import PortInUseError, TrainingMonitor
+
+log = logging.getLogger("training_exporter")
+
+
+def derive_run_id(output_dir: str | None) -> str:
+    if not output_dir:
+        return "run"
+    name = os.path.basename(os.path.normpath(output_dir))
+    return name or "run"
+
+
+class PrometheusCallback(TrainerCallback):
+    """Publishes a Trainer run on a Prometheus /metrics endpoint.
+
+    Accepts either an :class:`ExporterConfig` or its fields as keyword
+    arguments (``PrometheusCallback(listen_address=":9945", ema_alpha=0.05)``);
+    they are validated here, before training starts.
+    """
+
+    def __init__(self, config: ExporterConfig | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            config = config.replace(**settings)
+        elif settings:
+            config = ExporterConfig.from_kwargs(**settings)
+        self.config = config or ExporterConfig()
+        self.monitor: TrainingMonitor | None = None
+        self._active = True
+
+    # Every hook is guarded: the training loop never sees an exception from here.
+    def _call(self, what: str, fn: Any, *a: Any) -> None:
+        if self.monitor is None or not self._active:
+            return
+        try:
+            fn(*a)
+        except PortInUseError:
+            raise
+        except Exception as exc:
+            self.monitor.errors.record(what, exc)
+
+    def setup(self, args: TrainingArguments, state: TrainerState, model: Any = None) -> None:
+        """Create the monitor once (lazy and idempotent, like the transformers integrations)."""
+        if self.monitor is not None:
+            return
+        if self.config.ranks == "zero" and not state.is_world_process_zero:
+            self._active = False
+            return
+        run_id = self.config.run_id or derive_run_id(args.output_dir)
+        self.monitor = TrainingMonitor(
+            self.config,
+            run_id=run_id,
+            output_dir=args.output_dir,
+            rank=args.process_index,
+            local_rank=max(args.local_process_index, 0),
+        )
+        self.monitor.export_layers = state.is_world_process_zero
+        # The Trainer's own pre-clip norm arrives with the logs.
+        self.monitor.compute_global_grad_norm = False
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kw: Any
+    ) -> None:
+        self.setup(args, state, model)
+        mon = self.monitor
+        if mon is None or not self._active:
+            return
+        try:
+            mon.start()
+        except PortInUseError:
+            raise
+        except Exception as exc:
+            mon.errors.record("http_server", exc)
+        if args.average_tokens_across_devices and args.world_size > 1:
+            # With num_items_in_batch the model divides by the global token count.
+            mon.loss_sum_scale = float(args.world_size)
+        if model is not None:
+            self._call("hook", _set_model_info, mon, model)
+            self._call("hook", mon.watch, model)
+        self._call("step", mon.begin, state.max_steps, state.global_step)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.monitor is not None:
+            self._call("step", self.monitor.step_begin)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kw: Any
+    ) -> None:
+        if self.monitor is not None:
+            self._call("gradients", self.monitor.before_optimizer_step, optimizer)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if self.monitor is not None:
+            self._call("update_ratio", self.monitor.after_optimizer_step)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.monitor is not None:
+            self._call("step", self.monitor.step_end, state.global_step, state.epoch)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        mon = self.monitor
+        if mon is None or not self._active:
+            return
+        if logs and isinstance(logs.get("grad_norm"), (int, float)):
+            self._call("step", mon.observe_grad_norm, logs["grad_norm"])
+        self._call("flush", mon.flush)
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> None:
+        if self.monitor is not None and metrics:
+            self._call("evaluation", self.monitor.observe_evaluation, metrics)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.monitor is not None:
+            self._call("step", self.monitor.end, "completed")
+
+
+def _set_model_info(mon: TrainingMonitor, model: Any) -> None:
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+    model_type = str(getattr(config, "model_type", "") or "")
+    adapter = "none"
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        first = next(iter(peft_config.values()))
+        adapter = str(getattr(getattr(first, "peft_type", None), "value", "") or "peft").lower()
+    mon.set_info(model=name[-128:], model_type=model_type, adapter=adapter)

@@ -1,0 +1,332 @@
+"""Exporter settings: one table drives the dataclass, the YAML file, the flags and the environment.
+
+Precedence, highest first: command-line flag, environment variable, ``--config.file``
+YAML, built-in default. Every setting has all four spellings, derived from the
+single :data:`OPTIONS` table so they cannot drift apart:
+
+===========================  ================================  ==========================================
+YAML (``--config.file``)     flag                              environment
+===========================  ================================  ==========================================
+``web.listen_address``       ``--web.listen-address``          ``TRAINING_EXPORTER_WEB_LISTEN_ADDRESS``
+``collectors.gpu``           ``--collector.gpu`` / ``--no-…``  ``TRAINING_EXPORTER_COLLECTOR_GPU``
+===========================  ================================  ==========================================
+
+Validation collects every problem and reports them in one :class:`ConfigError`
+before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Not on the Prometheus default-port allocation list at the time of writing.
+DEFAULT_PORT = 9945
+ENV_PREFIX = "TRAINING_EXPORTER_"
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+RESERVED_LABELS = {"run_id", "rank", "layer", "module", "state", "collector", "gpu", "UUID", "name", "le"}
+
+
+class ConfigError(ValueError):
+    """Invalid settings; ``str()`` is a single line naming every problem."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration: " + "; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    listen_address: str = f":{DEFAULT_PORT}"
+    run_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    gpu: bool = True
+    host: bool = True
+    layers: bool = True
+    update_ratio: bool = True
+    predictions: bool = True
+    layers_interval: int = 10
+    update_ratio_interval: int = 50
+    predictions_interval: int = 50
+    ema_alpha: float = 0.1
+    variance_window: int = 50
+    linger_seconds: float = 0.0
+    ranks: str = "zero"
+    port_in_use: str = "continue"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen_address(self.listen_address)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ExporterConfig:
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        problems = [f"unknown setting {k!r}" for k in unknown]
+        if problems:
+            raise ConfigError(problems)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> ExporterConfig:
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        problems: list[str] = []
+        for opt in OPTIONS:
+            value = getattr(self, opt.attr)
+            err = opt.check(value)
+            if err:
+                problems.append(f"{opt.yaml}: {err}")
+        if problems:
+            raise ConfigError(problems)
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[v6]:PORT``; port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _check_listen(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string HOST:PORT"
+    try:
+        parse_listen_address(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+
+
+def _positive_int(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        return f"must be an integer >= 1, got {v!r}"
+    return None
+
+
+def _check_alpha(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        return f"must be a number in (0, 1], got {v!r}"
+    return None
+
+
+def _check_linger(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return f"must be a number of seconds >= 0, got {v!r}"
+    return None
+
+
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else f"must be one of {', '.join(allowed)}, got {v!r}"
+
+    return check
+
+
+def _check_run_id(v: Any) -> str | None:
+    if not isinstance(v, str) or len(v) > 128 or "\n" in v:
+        return "must be a single-line string of at most 128 characters"
+    return None
+
+
+def _check_labels(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return "must be a mapping of label name to value"
+    bad = [k for k in v if not isinstance(k, str) or not LABEL_NAME.match(k) or k.startswith("__")]
+    if bad:
+        return f"invalid label name(s) {bad}"
+    reserved = sorted(k for k in v if k in RESERVED_LABELS)
+    if reserved:
+        return f"label name(s) {reserved} are used by the exporter itself"
+    if any(not isinstance(x, str) for x in v.values()):
+        return "label values must be strings"
+    return None
+
+
+@dataclass(frozen=True)
+class Option:
+    attr: str
+    yaml: str  # dotted path in the YAML file
+    flag: str  # without the leading --
+    help: str
+    check: Callable[[Any], str | None]
+    kind: str = "str"  # str | int | float | bool | labels
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", self.flag.upper())
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen_address", "web.listen_address", "web.listen-address",
+           "Address to serve /metrics on; port 0 picks a free port.", _check_listen),
+    Option("port_in_use", "web.port_in_use", "web.port-in-use",
+           "When the port is taken: 'continue' (log one line, count the error, train without "
+           "an endpoint) or 'fail' (raise before training starts).", _choice("continue", "fail")),
+    Option("linger_seconds", "web.linger_seconds", "linger",
+           "Keep serving this many seconds after training ends so the last values are scraped.",
+           _check_linger, "float"),
+    Option("run_id", "run_id", "run-id",
+           "Value of the run_id label; empty derives it from the Trainer's output dir.", _check_run_id),
+    Option("labels", "labels", "label",
+           "Extra constant label KEY=VALUE on every series (repeatable).", _check_labels, "labels"),
+    Option("ranks", "ranks", "ranks",
+           "Multi-process runs: 'zero' exports from rank 0 only; 'all' exports from every rank "
+           "on port + LOCAL_RANK with a rank label.", _choice("zero", "all")),
+    Option("gpu", "collectors.gpu", "collector.gpu", "GPU metrics from NVML at scrape time.", _check_bool, "bool"),
+    Option("host", "collectors.host", "collector.host", "Host CPU, memory, swap and disk (psutil).",
+           _check_bool, "bool"),
+    Option("layers", "collectors.layers", "collector.layers",
+           "Per-layer / per-module gradient norms and dead-layer count.", _check_bool, "bool"),
+    Option("update_ratio", "collectors.update_ratio", "collector.update-ratio",
+           "Per-module ||dW||/||W|| of trainable weights (costs one copy of them on sampled steps).",
+           _check_bool, "bool"),
+    Option("predictions", "collectors.predictions", "collector.predictions",
+           "Token entropy and top-1 / top-5 confidence from the training logits.", _check_bool, "bool"),
+    Option("layers_interval", "intervals.layers_steps", "layers.interval-steps",
+           "Sample per-layer gradient norms every N optimizer steps.", _positive_int, "int"),
+    Option("update_ratio_interval", "intervals.update_ratio_steps", "update-ratio.interval-steps",
+           "Sample update ratios every N optimizer steps.", _positive_int, "int"),
+    Option("predictions_interval", "intervals.predictions_steps", "predictions.interval-steps",
+           "Sample entropy / confidence every N optimizer steps.", _positive_int, "int"),
+    Option("ema_alpha", "loss.ema_alpha", "loss.ema-alpha",
+           "Weight of the newest loss in the EMA (0 < alpha <= 1).", _check_alpha, "float"),
+    Option("variance_window", "loss.variance_window", "loss.variance-window",
+           "Number of recent finite losses the variance is taken over.", _positive_int, "int"),
+)
+_BY_YAML = {o.yaml: o for o in OPTIONS}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        # `labels` is a mapping value, not a section.
+        if isinstance(value, Mapping) and path not in _BY_YAML:
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a config file into ``{attr: value}``; every unknown key is listed in one error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([f"config file {str(path)!r} is not valid YAML{where}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"config file {str(path)!r} must hold a mapping at the top level"])
+    flat = _flatten(data)
+    problems = [f"unknown key {k!r}" for k in sorted(flat) if k not in _BY_YAML]
+    if problems:
+        raise ConfigError(problems)
+    return {_BY_YAML[k].attr: v for k, v in flat.items()}
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _parse_labels(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def _convert(opt: Option, raw: Any) -> Any:
+    """Turn a flag or environment string into the option's type."""
+    if opt.kind == "bool":
+        return raw if isinstance(raw, bool) else _parse_bool(str(raw))
+    if opt.kind == "int":
+        return int(raw)
+    if opt.kind == "float":
+        return float(raw)
+    if opt.kind == "labels":
+        items = raw if isinstance(raw, list) else [s for s in str(raw).split(",") if s]
+        return _parse_labels(items)
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: ExporterConfig | None = None) -> None:
+    """Add every exporter option as a Go-exporter style flag showing its default."""
+    base = defaults or ExporterConfig()
+    group = parser.add_argument_group("exporter")
+    group.add_argument("--config.file", dest="config_file", metavar="FILE", default=None,
+                       help=f"YAML file with the settings below (env {ENV_PREFIX}CONFIG_FILE).")
+    for opt in OPTIONS:
+        default = getattr(base, opt.attr)
+        shown = "" if default in ("", {}) else f" (default: {default}; env {opt.env})"
+        if not shown:
+            shown = f" (env {opt.env})"
+        if opt.kind == "bool":
+            group.add_argument(f"--{opt.flag}", dest=opt.attr, action="store_true", default=None,
+                               help=opt.help + shown)
+            group.add_argument(f"--no-{opt.flag}", dest=opt.attr, action="store_false", default=None,
+                               help=argparse.SUPPRESS)
+        elif opt.kind == "labels":
+            group.add_argument(f"--{opt.flag}", dest=opt.attr, action="append", default=None,
+                               metavar="KEY=VALUE", help=opt.help + shown)
+        else:
+            group.add_argument(f"--{opt.flag}", dest=opt.attr, default=None, metavar=opt.attr.upper(),
+                               help=opt.help + shown)
+
+
+def resolve(
+    namespace: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    defaults: ExporterConfig | None = None,
+) -> ExporterConfig:
+    """Merge defaults < YAML < environment < flags and validate; raises ConfigError listing all problems."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = dataclasses.asdict(defaults or ExporterConfig())
+    problems: list[str] = []
+    config_file = getattr(namespace, "config_file", None) or env.get(ENV_PREFIX + "CONFIG_FILE")
+    if config_file:
+        values.update(load_yaml(config_file))
+    for opt in OPTIONS:
+        for source, raw in ((opt.env, env.get(opt.env)), (f"--{opt.flag}", getattr(namespace, opt.attr, None))):
+            if raw is None:
+                continue
+            try:
+                values[opt.attr] = _convert(opt, raw)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{source}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return ExporterConfig.from_kwargs(**values)

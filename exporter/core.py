@@ -1,0 +1,572 @@
+"""Framework-agnostic core: a plain PyTorch loop (or the Trainer callback) feeds it events.
+
+Design for the hot path:
+  * values that live on the accelerator (loss, token counts, gradient and
+    update norms, logit statistics) are kept as device tensors and read in one
+    batch at export time: on every scrape, at each logging step and when the
+    run ends. No per-step GPU->host synchronisation is added;
+  * per-layer statistics use fused ``torch._foreach_norm`` and a scatter-add,
+    never a Python loop of ``.item()`` calls;
+  * every entry point is guarded: a failure is counted in
+    ``training_exporter_collector_errors_total`` and logged once, never raised.
+
+Plain loop usage::
+
+    monitor = TrainingMonitor(ExporterConfig(listen_address=":9945"), run_id="my-run")
+    monitor.start()
+    monitor.watch(model)                # forward hook: loss, tokens, logits
+    monitor.begin(max_steps=1000)
+    for batch in loader:
+        monitor.step_begin()
+        loss = model(**batch).loss
+        loss.backward()
+        monitor.observe_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        monitor.before_optimizer_step(optimizer)
+        optimizer.step()
+        monitor.after_optimizer_step()
+        optimizer.zero_grad()
+        monitor.step_end()
+    monitor.end()
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter import metrics as m
+from exporter.config import ExporterConfig
+from exporter.errors import ErrorTracker
+from exporter.layers import ParamGroups
+
+log = logging.getLogger("training_exporter")
+
+# Read the device-side buffers in the training thread once this many steps are
+# pending without a scrape, so memory stays bounded when nobody is scraping.
+MAX_PENDING_STEPS = 512
+MAX_EVAL_NAMES = 50
+
+
+class PortInUseError(OSError):
+    pass
+
+
+class _ScrapeCollector(Collector):
+    """Runs the scrape-time work, times each part and isolates its failures.
+
+    Registered first so that the device-side buffers are flushed into the
+    ordinary metrics before the registry reads them.
+    """
+
+    def __init__(self, parts: list[tuple[str, Callable[[], Iterable[Metric]]]], monitor: TrainingMonitor) -> None:
+        self._parts = parts
+        self._monitor = monitor
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        mon = self._monitor
+        durations = GaugeMetricFamily(
+            m.COLLECTOR_DURATION.name, m.COLLECTOR_DURATION.help,
+            labels=[*mon.const_labels, "collector"],
+        )
+        for name, part in self._parts:
+            start = time.perf_counter()
+            families: list[Metric] = []
+            with mon.errors.guard(name):
+                families = list(part())
+            durations.add_metric([*mon.const_labels.values(), name], time.perf_counter() - start)
+            yield from families
+        yield durations
+
+
+class TrainingMonitor:
+    """Owns the registry, the metrics and the HTTP endpoint of one training process."""
+
+    def __init__(
+        self,
+        config: ExporterConfig | None = None,
+        *,
+        run_id: str = "run",
+        output_dir: str | os.PathLike[str] | None = None,
+        rank: int | None = None,
+        local_rank: int | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config or ExporterConfig()
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+        self.run_id = self.config.run_id or run_id
+        self.output_dir = str(output_dir) if output_dir is not None else "."
+        const: dict[str, str] = {"run_id": self.run_id, **self.config.labels}
+        if self.config.ranks == "all":
+            const["rank"] = str(self.rank)
+        self.const_labels = const
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+
+        self._metrics: dict[str, Counter | Gauge | Histogram] = {}
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._scrape = _ScrapeCollector(self._scrape_parts(), self)
+        self.registry.register(self._scrape)
+        for spec in m.ALL:
+            if spec.source == "core":
+                self._metrics[spec.name] = self._make(spec)
+        self.errors = ErrorTracker(self._make(m.COLLECTOR_ERRORS), const)  # type: ignore[arg-type]
+        for name in ("hook", "step", "gradients", "update_ratio", "predictions", "flush", "http_server"):
+            self.errors.touch(name)
+        # Counters exist at 0 from the start so increase() sees their first step.
+        for spec in (m.NONFINITE_LOSS, m.NONFINITE_GRADIENTS, m.TOKENS, m.SAMPLES, m.EVALUATIONS):
+            self.child(spec)
+
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending_losses: list[torch.Tensor] = []
+        self._pending_tokens: torch.Tensor | None = None
+        self._pending_grads: torch.Tensor | None = None
+        self._pending_grad_norm: torch.Tensor | float | None = None
+        self._pending_updates: torch.Tensor | None = None
+        self._pending_predictions: torch.Tensor | None = None
+
+        self._micro_losses: list[torch.Tensor] = []
+        self._micro_summed = False
+        self.loss_sum_scale = 1.0
+        self._ema: float | None = None
+        self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
+
+        self._groups: ParamGroups | None = None
+        self._model_ref: weakref.ReferenceType[torch.nn.Module] | None = None
+        self._hook: Any = None
+        self._step = 0
+        self._step_started: float | None = None
+        self._sample_layers = False
+        self._sample_updates = False
+        self._sample_predictions = False
+        self._snapshot: list[torch.Tensor] | None = None
+        self.export_layers = True  # False on ranks whose gradients duplicate rank 0's
+        self.compute_global_grad_norm = True
+
+        self._state = "idle"
+        self._set_state("idle")
+        self._httpd: Any = None
+        self._http_thread: threading.Thread | None = None
+        self._gpu: Any = None
+        self._host: Any = None
+        self._ended = False
+        self._atexit_registered = False
+        self._prev_excepthook: Callable[..., Any] | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _make(self, spec: m.MetricSpec) -> Counter | Gauge | Histogram:
+        labelnames = [*self.const_labels, *spec.labels]
+        if spec.kind == "counter":
+            return Counter(spec.name, spec.help, labelnames, registry=self.registry)
+        if spec.kind == "histogram":
+            return Histogram(spec.name, spec.help, labelnames, registry=self.registry, buckets=spec.buckets)
+        return Gauge(spec.name, spec.help, labelnames, registry=self.registry)
+
+    def child(self, spec: m.MetricSpec, *values: str) -> Any:
+        key = (spec.name, values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._metrics[spec.name].labels(*self.const_labels.values(), *values)
+            self._children[key] = c
+        return c
+
+    def _scrape_parts(self) -> list[tuple[str, Callable[[], Iterable[Metric]]]]:
+        def flush() -> Iterable[Metric]:
+            self.flush()
+            return ()
+
+        parts: list[tuple[str, Callable[[], Iterable[Metric]]]] = [("flush", flush)]
+        if self.config.gpu:
+            parts.append(("gpu", lambda: self._gpu.collect() if self._gpu is not None else ()))
+        if self.config.host:
+            parts.append(("host", lambda: self._host.collect() if self._host is not None else ()))
+        return parts
+
+    def _start_collectors(self) -> None:
+        if self.config.gpu and self._gpu is None:
+            with self.errors.guard("gpu"):
+                from exporter.collectors.gpu import GpuCollector
+
+                self._gpu = GpuCollector(self.const_labels, self.errors)
+        if self.config.host and self._host is None:
+            with self.errors.guard("host"):
+                from exporter.collectors.host import HostCollector
+
+                self._host = HostCollector(self.const_labels, self.errors, disk_path=self.output_dir)
+
+    @property
+    def port(self) -> int | None:
+        """The port actually bound (useful with port 0), or None when not serving."""
+        return int(self._httpd.server_address[1]) if self._httpd is not None else None
+
+    def start(self) -> None:
+        """Serve /metrics. A taken port is logged in one line and counted, or raised if configured."""
+        self._start_collectors()
+        if self._httpd is not None:
+            return
+        from prometheus_client import start_http_server
+
+        host, port = self.config.host_port
+        if self.config.ranks == "all" and port != 0:
+            port += self.local_rank
+        try:
+            self._httpd, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            message = f"training-exporter: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            if self.config.port_in_use == "fail":
+                raise PortInUseError(message) from None
+            log.error("%s; training continues without a /metrics endpoint", message)
+            self.errors.record("http_server", exc, traceback=False)
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._gpu is not None:
+            with self.errors.guard("gpu"):
+                self._gpu.close()
+
+    def set_info(self, model: str = "", model_type: str = "", adapter: str = "none") -> None:
+        import importlib.metadata as md
+
+        try:
+            tf_version = md.version("transformers")
+        except md.PackageNotFoundError:
+            tf_version = ""
+        self.child(m.INFO, model, model_type, adapter, __version__, torch.__version__, tf_version).set(1)
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """Hook the model's forward to see loss, token counts and logits of every micro-batch."""
+        with self.errors.guard("hook"):
+            if self._hook is not None:
+                self._hook.remove()
+            self._model_ref = weakref.ref(model)
+            self._groups = ParamGroups.from_named(model.named_parameters())
+            self.child(m.TRAINABLE_GROUPS).set(len(self._groups))
+            self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+
+    def unwatch(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def begin(self, max_steps: int | None = None, start_step: int = 0) -> None:
+        with self.errors.guard("step"):
+            self._step = start_step
+            self._ended = False
+            self.child(m.STEP).set(start_step)
+            if max_steps is not None:
+                self.child(m.MAX_STEPS).set(max_steps)
+            self.child(m.START_TIME).set(time.time())
+            self._set_state("training")
+            self._install_crash_handlers()
+
+    # -------------------------------------------------------------- hot path
+
+    def _forward_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not module.training:
+            return
+        try:
+            loss = _field(output, "loss", 0)
+            if isinstance(loss, torch.Tensor):
+                self._micro_losses.append(loss.detach())
+                self._micro_summed = kwargs.get("num_items_in_batch") is not None
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            if isinstance(input_ids, torch.Tensor):
+                self.child(m.SAMPLES).inc(input_ids.shape[0] if input_ids.dim() > 1 else 1)
+                tokens = mask.sum() if isinstance(mask, torch.Tensor) else input_ids.numel()
+                self.observe_tokens(tokens)
+            if self._sample_predictions:
+                self._sample_predictions = False
+                logits = _field(output, "logits", 1)
+                if isinstance(logits, torch.Tensor):
+                    self._observe_logits(logits, kwargs.get("labels"), mask)
+        except Exception as exc:
+            self.errors.record("hook", exc)
+
+    def observe_tokens(self, tokens: torch.Tensor | int) -> None:
+        """Add non-padding tokens; a device tensor is accumulated on the device and read at export."""
+        with self._pending_lock:
+            if isinstance(tokens, torch.Tensor):
+                t = tokens.detach().reshape(()).to(torch.float64)
+                self._pending_tokens = t if self._pending_tokens is None else self._pending_tokens + t.to(
+                    self._pending_tokens.device
+                )
+            else:
+                self.child(m.TOKENS).inc(tokens)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the loss of the current step directly (for loops whose model returns no .loss)."""
+        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._micro_losses.append(t)
+        self._micro_summed = False
+
+    def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
+        """Global pre-clip gradient norm; a tensor (e.g. clip_grad_norm_'s result) is read at export."""
+        with self._pending_lock:
+            self._pending_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else float(norm)
+
+    def _observe_logits(self, logits: torch.Tensor, labels: Any, mask: Any) -> None:
+        with torch.no_grad():
+            if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
+                # Causal LM: the logits at position t predict the label at t+1.
+                keep = labels[..., 1:] != -100
+                rows = logits[..., :-1, :][keep]
+            elif isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
+                rows = logits[mask.bool()]
+            else:
+                rows = logits.reshape(-1, logits.shape[-1])
+            if rows.numel() == 0:
+                return
+            logp = torch.log_softmax(rows.float(), dim=-1)
+            p = logp.exp()
+            entropy = -(p * logp).sum(-1).mean()
+            top = p.topk(min(5, p.shape[-1]), dim=-1).values
+            stats = torch.stack([entropy, top[:, 0].mean(), top.sum(-1).mean()])
+        with self._pending_lock:
+            self._pending_predictions = stats
+
+    def step_begin(self) -> None:
+        try:
+            self._step_started = time.perf_counter()
+            n = self._step + 1
+            cfg = self.config
+            self._sample_layers = cfg.layers and self.export_layers and _due(n, cfg.layers_interval)
+            self._sample_updates = cfg.update_ratio and self.export_layers and _due(n, cfg.update_ratio_interval)
+            self._sample_predictions = cfg.predictions and _due(n, cfg.predictions_interval)
+        except Exception as exc:
+            self.errors.record("step", exc)
+
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after backward (and clipping), before ``optimizer.step()``."""
+        if optimizer is not None:
+            with self.errors.guard("step"):
+                lr = optimizer.param_groups[0]["lr"]
+                self.child(m.LEARNING_RATE).set(float(lr))
+        groups = self._current_groups()
+        if groups is None or len(groups) == 0:
+            return
+        if self._sample_layers:
+            with self.errors.guard("gradients"):
+                norms = groups.grouped_norms([p.grad for p in groups.params])
+                with self._pending_lock:
+                    self._pending_grads = norms
+                    # Without a norm from the loop (clip_grad_norm_'s result or the
+                    # Trainer's logs) the sampled per-group norms give the global one.
+                    if self.compute_global_grad_norm and self._pending_grad_norm is None:
+                        self._pending_grad_norm = norms.square().sum().sqrt()
+        if self._sample_updates:
+            with self.errors.guard("update_ratio"):
+                with torch.no_grad():
+                    self._snapshot = torch._foreach_mul([p.detach() for p in groups.params], 1.0)
+
+    def after_optimizer_step(self) -> None:
+        """Call right after ``optimizer.step()``; completes a sampled update-ratio measurement."""
+        snap, self._snapshot = self._snapshot, None
+        groups = self._current_groups()
+        if snap is None or groups is None:
+            return
+        with self.errors.guard("update_ratio"):
+            with torch.no_grad():
+                current = [p.detach() for p in groups.params]
+                deltas = torch._foreach_sub(current, snap)
+                ratio = groups.grouped_norms(deltas) / groups.grouped_norms(snap).clamp_min(1e-30)
+            with self._pending_lock:
+                self._pending_updates = ratio
+
+    def step_end(self, step: int | None = None, epoch: float | None = None) -> None:
+        try:
+            now = time.perf_counter()
+            if self._step_started is not None:
+                self.child(m.STEP_DURATION).observe(now - self._step_started)
+                self._step_started = None
+            self._step = self._step + 1 if step is None else step
+            self.child(m.STEP).set(self._step)
+            if epoch is not None:
+                self.child(m.EPOCH).set(epoch)
+            self.child(m.LAST_STEP_TIME).set(time.time())
+            micro, self._micro_losses = self._micro_losses, []
+            if micro:
+                stacked = torch.stack([t.reshape(()).to(micro[0].device) for t in micro])
+                step_loss = stacked.sum() * self.loss_sum_scale if self._micro_summed else stacked.mean()
+                with self._pending_lock:
+                    self._pending_losses.append(step_loss)
+                    backlog = len(self._pending_losses)
+                if backlog >= MAX_PENDING_STEPS:
+                    self.flush()
+        except Exception as exc:
+            self.errors.record("step", exc)
+
+    # ----------------------------------------------------------------- export
+
+    def flush(self) -> None:
+        """Read the device-side buffers (one batched transfer each) into the metrics."""
+        with self._flush_lock:
+            with self._pending_lock:
+                losses, self._pending_losses = self._pending_losses, []
+                tokens, self._pending_tokens = self._pending_tokens, None
+                grads, self._pending_grads = self._pending_grads, None
+                gnorm, self._pending_grad_norm = self._pending_grad_norm, None
+                updates, self._pending_updates = self._pending_updates, None
+                preds, self._pending_predictions = self._pending_predictions, None
+            try:
+                if losses:
+                    self._export_losses(torch.stack([t.to(losses[0].device) for t in losses]).double().tolist())
+                if tokens is not None:
+                    self.child(m.TOKENS).inc(max(0.0, float(tokens)))
+                if gnorm is not None:
+                    self.child(m.GRAD_NORM).set(float(gnorm))
+                if grads is not None and self._groups is not None:
+                    values = grads.tolist()
+                    for (layer, module), v in zip(self._groups.labels, values, strict=True):
+                        self.child(m.LAYER_GRAD_NORM, layer, module).set(v)
+                    self.child(m.DEAD_LAYERS).set(sum(1 for v in values if v == 0.0))
+                    if any(not math.isfinite(v) for v in values):
+                        self.child(m.NONFINITE_GRADIENTS).inc()
+                if updates is not None and self._groups is not None:
+                    for (layer, module), v in zip(self._groups.labels, updates.tolist(), strict=True):
+                        self.child(m.UPDATE_RATIO, layer, module).set(v)
+                if preds is not None:
+                    entropy, top1, top5 = preds.tolist()
+                    self.child(m.TOKEN_ENTROPY).set(entropy)
+                    self.child(m.TOP1_CONFIDENCE).set(top1)
+                    self.child(m.TOP5_CONFIDENCE).set(top5)
+            except Exception as exc:
+                self.errors.record("flush", exc)
+
+    def _export_losses(self, values: list[float]) -> None:
+        alpha = self.config.ema_alpha
+        hist = self.child(m.STEP_LOSS)
+        for v in values:
+            if not math.isfinite(v):
+                # Histogram.observe(NaN) would poison _sum forever: count instead.
+                self.child(m.NONFINITE_LOSS).inc()
+                continue
+            self._ema = v if self._ema is None else alpha * v + (1 - alpha) * self._ema
+            self._window.append(v)
+            hist.observe(v)
+        # The raw gauge shows the newest value as it is, NaN included, so rules see it.
+        self.child(m.LOSS).set(values[-1])
+        if self._ema is not None:
+            self.child(m.LOSS_EMA).set(self._ema)
+        if len(self._window) >= 2:
+            mean = sum(self._window) / len(self._window)
+            var = sum((x - mean) ** 2 for x in self._window) / (len(self._window) - 1)
+            self.child(m.LOSS_VARIANCE).set(var)
+
+    def observe_evaluation(self, metrics: Mapping[str, Any]) -> None:
+        with self.errors.guard("evaluation"):
+            self.child(m.EVALUATIONS).inc()
+            names = 0
+            for key, value in metrics.items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if key in ("eval_loss", "loss"):
+                    self.child(m.EVAL_LOSS).set(value)
+                    continue
+                if key == "epoch" or names >= MAX_EVAL_NAMES:
+                    continue
+                name = re.sub(r"[^a-zA-Z0-9_]", "_", key.removeprefix("eval_"))[:64]
+                self.child(m.EVAL_METRIC, name).set(value)
+                names += 1
+
+    # ------------------------------------------------------------- lifecycle
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        for s in m.STATES:
+            self.child(m.STATE, s).set(1 if s == state else 0)
+
+    def end(self, state: str = "completed", linger: bool = True) -> None:
+        """Mark the run finished, export what is pending, optionally linger, stop serving."""
+        if self._ended:
+            return
+        self._ended = True
+        with self.errors.guard("step"):
+            self.flush()
+            self._set_state(state)
+            self.unwatch()
+        if linger and self.config.linger_seconds > 0 and self._httpd is not None:
+            log.info("training-exporter: serving final values for %.0f s", self.config.linger_seconds)
+            time.sleep(self.config.linger_seconds)
+        self.stop()
+
+    def _install_crash_handlers(self) -> None:
+        # A crash must be visible: the state turns to "crashed" before the
+        # process exits (and stays scrapeable during the linger time).
+        if self._atexit_registered:
+            return
+        self._atexit_registered = True
+        ref = weakref.ref(self)
+
+        def at_exit() -> None:
+            mon = ref()
+            if mon is not None and mon.state in ("training", "paused"):
+                mon.end("crashed")
+
+        atexit.register(at_exit)
+        prev = sys.excepthook
+
+        def excepthook(tp: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+            mon = ref()
+            if mon is not None and mon.state in ("training", "paused"):
+                with mon.errors.guard("step"):
+                    mon.flush()
+                    mon._set_state("crashed")
+            prev(tp, value, tb)
+
+        sys.excepthook = excepthook
+
+    def _current_groups(self) -> ParamGroups | None:
+        return self._groups
+
+    def __enter__(self) -> TrainingMonitor:
+        return self
+
+    def __exit__(self, tp: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.end("crashed" if tp is not None else "completed")
+
+
+def _due(step: int, interval: int) -> bool:
+    return step == 1 or step % interval == 0
+
+
+def _field(output: Any, name: str, index: int) -> Any:
+    if isinstance(output, Mapping):
+        return output.get(name)
+    value = getattr(output, name, None)
+    if value is None and isinstance(output, tuple) and len(output) > index:
+        value = output[index]
+        # A tuple output only starts with the loss when labels were given.
+        if name == "loss" and not (isinstance(value, torch.Tensor) and value.dim() == 0):
+            return None
+    return value

@@ -1,0 +1,440 @@
+"""A tiny, self-contained fine-tuning task for the demo, the tests and the benchmarks.
+
+Everything is built in code (no hub downloads): a character tokenizer for
+"a+b=c" addition, a small GPT-2 wrapped with LoRA, Trainer arguments tuned for
+a CPU, and a callback that injects NaN / spike faults so the exporter's alerting
+can be exercised on purpose.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ArithmeticDataset",
+    "CharTokenizer",
+    "DataCollator",
+    "FaultInjector",
+    "FaultSpec",
+    "build_model",
+    "collate",
+    "greedy_answer",
+    "make_examples",
+    "make_training_args",
+    "parse_fault",
+]
+
+# The label value torch's cross-entropy (and so every HF model) ignores.
+IGNORE_INDEX = -100
+
+# Positions the model can see; a 2-digit example is 11 tokens, so this leaves
+# room for up to 6-digit operands (see `make_examples`).
+N_POSITIONS = 32
+
+
+class CharTokenizer:
+    """Character-level tokenizer for the addition alphabet ``0-9 + =``.
+
+    Ids: pad 0, bos 1, eos 2, then one id per character. Pad is 0 so that a
+    freshly zeroed tensor is already "all padding".
+    """
+
+    alphabet = "0123456789+="
+    pad_token = "<pad>"
+    bos_token = "<bos>"
+    eos_token = "<eos>"
+
+    def __init__(self) -> None:
+        self.pad_token_id = 0
+        self.bos_token_id = 1
+        self.eos_token_id = 2
+        specials = (self.pad_token_id, self.bos_token_id, self.eos_token_id)
+        self.special_ids = frozenset(specials)
+        first = len(specials)
+        self._char_to_id = {ch: first + i for i, ch in enumerate(self.alphabet)}
+        self._id_to_char = {i: ch for ch, i in self._char_to_id.items()}
+        self.vocab_size = first + len(self.alphabet)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the characters of ``text`` (no bos/eos added)."""
+        try:
+            return [self._char_to_id[ch] for ch in text]
+        except KeyError as exc:
+            raise ValueError(f"character {exc.args[0]!r} is not in the alphabet {self.alphabet!r}") from None
+
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        """Text of ``ids``; pad/bos/eos are skipped."""
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        out = []
+        for i in values:
+            if i in self.special_ids:
+                continue
+            try:
+                out.append(self._id_to_char[i])
+            except KeyError:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})") from None
+        return "".join(out)
+
+
+def make_examples(n: int, seed: int, digits: int = 2) -> list[tuple[str, str]]:
+    """``n`` addition problems ``("a+b=", "c")``, deterministic for ``seed``.
+
+    ``a`` and ``b`` are uniform in ``[0, 10**digits)``. Layout choice: operands
+    are zero-padded to ``digits`` characters so every digit sits at a fixed
+    position (a small model with learned absolute positions then finds the
+    digit pairs it must add after a few dozen steps), while the answer is
+    written normally, most significant digit first and without leading zeros.
+    That keeps the answer human-readable, and its varying length (1 to
+    ``digits + 1`` characters) gives batches real padding.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    # 2*digits + 2 prompt chars, digits + 1 answer chars, bos and eos.
+    max_digits = (N_POSITIONS - 5) // 3
+    if not 1 <= digits <= max_digits:
+        raise ValueError(f"digits must be in 1..{max_digits}, got {digits}")
+    rng = random.Random(seed)
+    hi = 10**digits - 1
+    examples = []
+    for _ in range(n):
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        examples.append((f"{a:0{digits}d}+{b:0{digits}d}=", str(a + b)))
+    return examples
+
+
+class ArithmeticDataset(Dataset[dict[str, list[int]]]):
+    """``n`` encoded addition examples: ``bos + prompt + answer + eos``.
+
+    Labels are ``IGNORE_INDEX`` over bos and the prompt: the prompt is random,
+    so training on it only adds irreducible loss and hides the learning signal.
+    Items are unpadded python lists; `collate` pads a batch.
+    """
+
+    def __init__(self, n: int, seed: int = 0, digits: int = 2, tokenizer: CharTokenizer | None = None) -> None:
+        self.tokenizer = tokenizer or CharTokenizer()
+        self.examples = make_examples(n, seed=seed, digits=digits)
+        self._items = [self._encode(prompt, answer) for prompt, answer in self.examples]
+
+    def _encode(self, prompt: str, answer: str) -> dict[str, list[int]]:
+        tok = self.tokenizer
+        context = [tok.bos_token_id, *tok.encode(prompt)]
+        target = [*tok.encode(answer), tok.eos_token_id]
+        input_ids = context + target
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [1] * len(input_ids),
+            "labels": [IGNORE_INDEX] * len(context) + target,
+        }
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        item = self._items[index]
+        # Copies, so a collator that mutates in place cannot corrupt the dataset.
+        return {key: list(value) for key, value in item.items()}
+
+
+def collate(batch: Sequence[Mapping[str, Sequence[int] | torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of dataset items into ``(batch, max_len)`` LongTensors.
+
+    input_ids are padded with ``pad_token_id``, attention_mask with 0 and labels
+    with ``IGNORE_INDEX``, so padding neither is attended to nor contributes loss.
+    """
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    width = max(len(item["input_ids"]) for item in batch)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in fill.items():
+        if key not in batch[0]:
+            continue
+        tensor = torch.full((len(batch), width), value, dtype=torch.long)
+        for row, item in enumerate(batch):
+            seq = torch.as_tensor(item[key], dtype=torch.long)
+            tensor[row, : seq.numel()] = seq
+        out[key] = tensor
+    return out
+
+
+@dataclass(frozen=True)
+class DataCollator:
+    """`collate` bound to a pad id, in the callable shape ``Trainer(data_collator=...)`` wants."""
+
+    pad_token_id: int = 0
+
+    def __call__(self, batch: Sequence[Mapping[str, Sequence[int] | torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate(batch, self.pad_token_id)
+
+
+def build_model(
+    tokenizer: CharTokenizer,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    lora: bool = True,
+    lora_r: int = 16,
+    seed: int = 0,
+) -> nn.Module:
+    """A randomly initialised GPT-2, LoRA-wrapped unless ``lora=False``.
+
+    The base model is random (nothing is downloaded), so LoRA alone would have
+    to route everything through frozen random embeddings. The token embedding
+    ``wte`` is therefore fully trained via ``modules_to_save``, and
+    ``ensure_weight_tying`` keeps the tied ``lm_head`` pointing at that trained
+    copy; with the untied variant the loss falls markedly slower. The adapter
+    targets every GPT-2 projection (``c_attn``, both ``c_proj``, ``c_fc``);
+    these are ``Conv1D`` layers, hence ``fan_in_fan_out=True``.
+
+    Initialisation happens under a forked RNG seeded with ``seed``: the same
+    arguments give bit-identical weights and the caller's RNG is untouched.
+    """
+    config = GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_positions=N_POSITIONS,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: nn.Module = GPT2LMHeadModel(config)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora_config = LoraConfig(
+                r=lora_r,
+                lora_alpha=2 * lora_r,
+                target_modules=["c_attn", "c_proj", "c_fc"],
+                lora_dropout=0.0,
+                fan_in_fan_out=True,
+                modules_to_save=["wte"],
+                ensure_weight_tying=True,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora_config)  # type: ignore[arg-type]
+    return model
+
+
+def make_training_args(output_dir: str, max_steps: int, **overrides: Any) -> TrainingArguments:
+    """`TrainingArguments` for a quick CPU run of the demo task; ``overrides`` win.
+
+    The learning rate is high because the model is tiny and starts from
+    scratch; the cosine schedule with a short warmup keeps the first steps from
+    blowing up and lets the loss settle at the end of a short run.
+    """
+    defaults: dict[str, Any] = {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 16,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,  # a float below 1 is a fraction of max_steps
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "logging_steps": 10,
+        "save_steps": 100,
+        "report_to": [],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+        "seed": 0,
+        "disable_tqdm": False,
+    }
+    defaults.update(overrides)
+    return TrainingArguments(**defaults)
+
+
+@torch.no_grad()
+def greedy_answer(model: nn.Module, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 6) -> str:
+    """Greedy continuation of ``prompt`` up to eos, decoded (for exact-match eval).
+
+    A plain loop rather than ``generate()``: it works the same on the bare and
+    the PEFT-wrapped model and needs no generation config.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt)]
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            if len(ids) >= N_POSITIONS:
+                break
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits
+            next_id = int(logits[0, -1].argmax())
+            if next_id == tokenizer.eos_token_id:
+                break
+            ids.append(next_id)
+            new.append(next_id)
+        return tokenizer.decode(new)
+    finally:
+        model.train(was_training)
+
+
+# --- fault injection -------------------------------------------------------
+
+FAULT_KINDS = ("nan", "spike")
+DEFAULT_SPIKE_FACTOR = 8.0
+_FAULT_RE = re.compile(r"(?P<kind>[A-Za-z_]+)@(?P<step>[^x]+)(?:x(?P<factor>.+))?")
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One fault: ``kind`` at 1-based optimizer step ``step``.
+
+    ``factor`` is the spike multiplier; None means the injector's default.
+    """
+
+    kind: str
+    step: int
+    factor: float | None = None
+
+
+def parse_fault(spec: str) -> FaultSpec:
+    """Parse ``"nan@STEP"`` or ``"spike@STEP"`` / ``"spike@STEPxFACTOR"`` (e.g. ``"spike@80x20"``).
+
+    STEP is the Trainer's 1-based global step. Raises `ValueError` with a
+    one-line message on anything else.
+    """
+    text = spec.strip()
+    usage = "expected nan@STEP, spike@STEP or spike@STEPxFACTOR"
+    match = _FAULT_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"bad fault spec {spec!r}: {usage}")
+    kind = match["kind"].lower()
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"bad fault spec {spec!r}: unknown kind {kind!r}, {usage}")
+    try:
+        step = int(match["step"])
+    except ValueError:
+        raise ValueError(f"bad fault spec {spec!r}: step {match['step']!r} is not an integer") from None
+    if step < 1:
+        raise ValueError(f"bad fault spec {spec!r}: step must be >= 1 (steps are 1-based), got {step}")
+    factor = None
+    if match["factor"] is not None:
+        if kind != "spike":
+            raise ValueError(f"bad fault spec {spec!r}: only spike takes a factor")
+        try:
+            factor = float(match["factor"])
+        except ValueError:
+            raise ValueError(f"bad fault spec {spec!r}: factor {match['factor']!r} is not a number") from None
+        if not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"bad fault spec {spec!r}: factor must be a positive finite number")
+    return FaultSpec(kind, step, factor)
+
+
+class FaultInjector(TrainerCallback):
+    """Trainer callback that corrupts the training loss at chosen steps.
+
+    ``spike`` multiplies the loss of that step by a factor (gradients grow by
+    the same factor; ``max_grad_norm`` clipping then bounds the update, as it
+    would a real spike). ``nan`` multiplies it by NaN, so the step's loss and
+    every gradient are NaN. To keep the run alive afterwards, the injector
+    zeroes non-finite gradients in ``on_pre_optimizer_step`` of that step, the
+    way AMP's GradScaler skips a step whose gradients are not finite; without
+    it AdamW would write NaN into every weight and all later losses would be
+    NaN too. (With zero gradients AdamW still applies its momentum, so the
+    weights move a little but stay finite.)
+
+    Usage::
+
+        injector = FaultInjector(["nan@50", "spike@80"])
+        injector.attach(model)  # before other forward hooks, see `attach`
+        Trainer(model=model, ..., callbacks=[injector])
+
+    For a plain PyTorch loop, call `set_step` before each step's forward
+    passes instead of relying on the Trainer's ``on_step_begin``.
+    """
+
+    def __init__(self, faults: Iterable[str | FaultSpec] = (), spike_factor: float = DEFAULT_SPIKE_FACTOR) -> None:
+        self.spike_factor = spike_factor
+        self.faults: dict[int, FaultSpec] = {}
+        for fault in faults:
+            spec = parse_fault(fault) if isinstance(fault, str) else fault
+            if spec.step in self.faults:
+                raise ValueError(f"two faults at step {spec.step}")
+            self.faults[spec.step] = spec
+        # (step, kind) of every injection, one per micro-batch; handy for tests and logs.
+        self.injected: list[tuple[int, str]] = []
+        self._step: int | None = None
+        self._model: nn.Module | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def attach(self, model: nn.Module) -> FaultInjector:
+        """Register the loss-corrupting forward hook on ``model`` (the top-level, e.g. PEFT-wrapped, model).
+
+        ``prepend=True`` puts the hook ahead of every forward hook already on
+        the module, and hooks added later run after it anyway, so any
+        loss-observing hook sees the corrupted loss, as it would a real fault.
+        """
+        self.detach()
+        self._model = model
+        self._handle = model.register_forward_hook(self._hook, prepend=True)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._model = None
+
+    def set_step(self, step: int | None) -> None:
+        """Set the 1-based optimizer step now being computed (for non-Trainer loops)."""
+        self._step = step
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        fault = self.faults.get(self._step) if self._step is not None else None
+        if fault is None or not module.training:
+            return None
+        if fault.kind == "nan":
+            factor = math.nan
+        else:
+            factor = fault.factor if fault.factor is not None else self.spike_factor
+        if isinstance(output, Mapping):
+            loss = output.get("loss")
+            if loss is None:
+                return None
+            # Item assignment updates both the mapping and the attribute of a ModelOutput.
+            output["loss"] = loss * factor  # type: ignore[index]
+        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            output = (output[0] * factor, *output[1:])
+        else:
+            return None
+        self.injected.append((fault.step, fault.kind))
+        return output
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        # global_step counts finished optimizer steps; the one starting now is the next.
+        self._step = state.global_step + 1
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        fault = self.faults.get(self._step) if self._step is not None else None
+        if fault is None or fault.kind != "nan":
+            return
+        model = self._model if self._model is not None else kwargs.get("model")
+        if model is None:
+            return
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.nan_to_num_(0.0, 0.0, 0.0)
