@@ -229,6 +229,13 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a config file into ``{attr: value}``; every unknown key is listed in one error."""
+    values, problems = _read_yaml(path)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -240,14 +247,12 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError([f"config file {str(path)!r} is not valid YAML{where}"]) from None
     if data is None:
-        return {}
+        return {}, []
     if not isinstance(data, Mapping):
         raise ConfigError([f"config file {str(path)!r} must hold a mapping at the top level"])
     flat = _flatten(data)
     problems = [f"unknown key {k!r}" for k in sorted(flat) if k not in _BY_YAML]
-    if problems:
-        raise ConfigError(problems)
-    return {_BY_YAML[k].attr: v for k, v in flat.items()}
+    return {_BY_YAML[k].attr: v for k, v in flat.items() if k in _BY_YAML}, problems
 
 
 def _parse_bool(text: str) -> bool:
@@ -318,7 +323,8 @@ def resolve(
     problems: list[str] = []
     config_file = getattr(namespace, "config_file", None) or env.get(ENV_PREFIX + "CONFIG_FILE")
     if config_file:
-        values.update(load_yaml(config_file))
+        from_file, problems = _read_yaml(config_file)
+        values.update(from_file)
     for opt in OPTIONS:
         for source, raw in ((opt.env, env.get(opt.env)), (f"--{opt.flag}", getattr(namespace, opt.attr, None))):
             if raw is None:
@@ -327,6 +333,10 @@ def resolve(
                 values[opt.attr] = _convert(opt, raw)
             except (TypeError, ValueError) as exc:
                 problems.append(f"{source}: {exc}")
+    try:
+        config = ExporterConfig.from_kwargs(**values)
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
         raise ConfigError(problems)
-    return ExporterConfig.from_kwargs(**values)
+    return config

@@ -203,7 +203,7 @@ class TrainingMonitor:
             parts.append(("host", lambda: self._host.collect() if self._host is not None else ()))
         return parts
 
-    def _start_collectors(self) -> None:
+    def start_collectors(self) -> None:
         if self.config.gpu and self._gpu is None:
             with self.errors.guard("gpu"):
                 from exporter.collectors.gpu import GpuCollector
@@ -222,7 +222,7 @@ class TrainingMonitor:
 
     def start(self) -> None:
         """Serve /metrics. A taken port is logged in one line and counted, or raised if configured."""
-        self._start_collectors()
+        self.start_collectors()
         if self._httpd is not None:
             return
         from prometheus_client import start_http_server
@@ -530,7 +530,7 @@ class TrainingMonitor:
 
         def at_exit() -> None:
             mon = ref()
-            if mon is not None and mon.state in ("training", "paused"):
+            if mon is not None and not mon._ended and mon.state in ("training", "paused", "crashed"):
                 mon.end("crashed")
 
         atexit.register(at_exit)

@@ -1,0 +1,134 @@
+"""Settings: one table gives the dataclass, YAML keys, flags and environment twins."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.config import (
+    DEFAULT_PORT,
+    OPTIONS,
+    ConfigError,
+    ExporterConfig,
+    add_arguments,
+    load_yaml,
+    parse_listen_address,
+    resolve,
+)
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ExporterConfig:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return resolve(parser.parse_args(argv), environ=env or {})
+
+
+def test_defaults() -> None:
+    cfg = parse([])
+    assert cfg == ExporterConfig()
+    assert cfg.host_port == ("0.0.0.0", DEFAULT_PORT)
+    assert cfg.ema_alpha == 0.1 and cfg.layers_interval == 10 and cfg.ranks == "zero"
+
+
+def test_every_option_has_flag_env_and_yaml_key() -> None:
+    envs = [o.env for o in OPTIONS]
+    assert len(set(envs)) == len(envs)
+    assert "TRAINING_EXPORTER_WEB_LISTEN_ADDRESS" in envs
+    assert "TRAINING_EXPORTER_COLLECTOR_UPDATE_RATIO" in envs
+    assert {o.attr for o in OPTIONS} == set(ExporterConfig.__dataclass_fields__)
+
+
+def test_precedence_flag_over_env_over_yaml(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("loss:\n  ema_alpha: 0.3\ncollectors:\n  gpu: false\nintervals:\n  layers_steps: 7\n"
+                 "labels:\n  team: nlp\n")
+    cfg = parse(["--config.file", str(f)])
+    assert (cfg.ema_alpha, cfg.gpu, cfg.layers_interval, cfg.labels) == (0.3, False, 7, {"team": "nlp"})
+    env = {"TRAINING_EXPORTER_LOSS_EMA_ALPHA": "0.2", "TRAINING_EXPORTER_COLLECTOR_GPU": "true"}
+    cfg = parse(["--config.file", str(f)], env)
+    assert (cfg.ema_alpha, cfg.gpu) == (0.2, True)
+    cfg = parse(["--config.file", str(f), "--loss.ema-alpha", "0.5", "--no-collector.gpu"], env)
+    assert (cfg.ema_alpha, cfg.gpu, cfg.layers_interval) == (0.5, False, 7)
+
+
+def test_labels_flag_and_env() -> None:
+    cfg = parse(["--label", "team=nlp", "--label", "cluster=a"])
+    assert cfg.labels == {"team": "nlp", "cluster": "a"}
+    assert parse([], {"TRAINING_EXPORTER_LABEL": "team=x,zone=b"}).labels == {"team": "x", "zone": "b"}
+
+
+def test_yaml_lists_every_unknown_key(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yml"
+    f.write_text("web:\n  listen_adress: ':1'\nloss:\n  ema: 0.1\nbogus: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(f)
+    assert err.value.problems == ["unknown key 'bogus'", "unknown key 'loss.ema'", "unknown key 'web.listen_adress'"]
+    assert "\n" not in str(err.value)
+
+
+def test_validation_lists_every_bad_value() -> None:
+    with pytest.raises(ConfigError) as err:
+        ExporterConfig.from_kwargs(ema_alpha=0.0, layers_interval=0, ranks="some", listen_address="nope",
+                                   labels={"run_id": "x"})
+    text = str(err.value)
+    for key in ("loss.ema_alpha", "intervals.layers_steps", "ranks", "web.listen_address", "labels"):
+        assert key in text
+    assert len(err.value.problems) == 5
+
+
+def test_unknown_kwarg_rejected() -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'emma_alpha'"):
+        ExporterConfig.from_kwargs(emma_alpha=0.1)
+
+
+def test_bad_env_value_named() -> None:
+    with pytest.raises(ConfigError, match="TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW"):
+        parse([], {"TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW": "many"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(":9945", ("0.0.0.0", 9945)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:80", ("::1", 80))],
+)
+def test_listen_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["demo", "--max-steps", "zero"], "--max-steps"),
+        (["demo", "--inject", "boom@3"], "--inject"),
+        (["demo", "--loss.ema-alpha", "2"], "loss.ema_alpha"),
+        (["demo", "--web.listen-address", "localhost"], "web.listen_address"),
+        (["demo", "--no-such-flag"], "unrecognized arguments"),
+        (["nosuchcommand"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(argv: list[str], needle: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "demo-output").exists()
+
+
+def test_cli_bad_config_file_exits_2(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("collectors:\n  gpu: maybe\n  nvme: true\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "demo", "--config.file", str(f)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "training-exporter: error: invalid configuration: unknown key 'collectors.nvme'; "
+        "collectors.gpu: must be true or false, got 'maybe'"
+    ]
