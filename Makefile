@@ -1,0 +1,49 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Both set everything up first and are fast when it already is.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+DEMO_ARGS ?=
+
+.PHONY: setup demo test lint system-packages clean
+
+setup: system-packages $(STAMP)
+
+# torch first and pinned: an unpinned torch (or one pulled in by another
+# package) resolves to a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e '.[dev]'
+	touch $(STAMP)
+
+# promtool / prometheus / alertmanager for the rule and end-to-end tests.
+system-packages:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      prometheus prometheus-alertmanager; \
+	    systemctl disable --now prometheus prometheus-alertmanager >/dev/null 2>&1 || true; \
+	  else \
+	    echo "promtool / prometheus-alertmanager missing: run as root or install the Debian packages" \
+	      "prometheus and prometheus-alertmanager" >&2; \
+	  fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/training-exporter demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check exporter analytics_jobs tests bench
+	$(VENV)/bin/mypy
+
+lint: setup
+	$(VENV)/bin/ruff check exporter analytics_jobs tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

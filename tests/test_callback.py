@@ -1,0 +1,203 @@
+"""PrometheusCallback on a real Trainer (tiny GPT-2 + LoRA from exporter.demo), read back from the registry
+and from the live HTTP endpoint."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import TrainerCallback
+
+from exporter import PrometheusCallback
+from exporter.collectors.host import HostCollector
+from exporter.demo import build_trainer
+
+MAX_STEPS = 16
+BATCH = 8
+NAN_STEP = 7
+
+
+class Probe(TrainerCallback):
+    """Scrapes the live endpoint at chosen steps, from inside the training loop."""
+
+    def __init__(self, exporter: PrometheusCallback, steps: set[int]) -> None:
+        self.exporter = exporter
+        self.steps = steps
+        self.pages: dict[int, str] = {}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.global_step in self.steps:
+            assert self.exporter.monitor is not None
+            port = self.exporter.monitor.port
+            self.pages[state.global_step] = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def value(page: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(page):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise KeyError(f"{name}{labels} not in page")
+
+
+class CountingCollator:
+    """Independent count of the real tokens of each training batch, in order."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.train_batches: list[int] = []
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        out = self.inner(batch)
+        if out["input_ids"].shape[0] == BATCH:  # eval batches are 64 wide
+            self.train_batches.append(int(out["attention_mask"].sum()))
+        return out
+
+    @property
+    def tokens(self) -> int:
+        # accelerate's loader prefetches one batch past the last step.
+        return sum(self.train_batches[:MAX_STEPS])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("runs") / "nan-run"
+    cb = PrometheusCallback(
+        listen_address="127.0.0.1:0", layers_interval=2, update_ratio_interval=4, predictions_interval=4,
+    )
+    probe = Probe(cb, {NAN_STEP, MAX_STEPS})
+    trainer = build_trainer(
+        [cb, probe], output_dir=str(out), max_steps=MAX_STEPS, faults=[f"nan@{NAN_STEP}"],
+        save_strategy="no", logging_steps=5, per_device_train_batch_size=BATCH, disable_tqdm=True,
+        eval_steps=8,
+    )
+    assert trainer.args.logging_nan_inf_filter  # the default that hides NaN from logs
+    collator = CountingCollator(trainer.data_collator)
+    trainer.data_collator = collator
+    trainer.train()
+    assert cb.monitor is not None
+    return {"cb": cb, "mon": cb.monitor, "probe": probe, "trainer": trainer, "collator": collator}
+
+
+def test_nan_reaches_metrics_despite_the_logging_filter(run: dict[str, Any]) -> None:
+    page = run["probe"].pages[NAN_STEP]
+    assert math.isnan(value(page, "training_loss", run_id="nan-run"))
+    assert value(page, "training_nonfinite_loss_total") == 1.0
+    logged = [h["loss"] for h in run["trainer"].state.log_history if "loss" in h]
+    assert logged and all(math.isfinite(x) for x in logged)  # the Trainer's own logs never showed it
+    final = run["probe"].pages[MAX_STEPS]
+    assert math.isfinite(value(final, "training_loss"))  # update skipped, the run recovered
+    assert value(final, "training_nonfinite_loss_total") == 1.0
+
+
+def test_progress_throughput_and_optimisation_values(run: dict[str, Any]) -> None:
+    mon, trainer, collator = run["mon"], run["trainer"], run["collator"]
+
+    def s(name: str, **labels: str) -> float | None:
+        return mon.registry.get_sample_value(name, {"run_id": "nan-run", **labels})
+
+    assert s("training_step") == MAX_STEPS
+    assert s("training_max_steps") == MAX_STEPS
+    assert s("training_state", state="completed") == 1.0
+    assert s("training_state", state="training") == 0.0
+    assert s("training_samples_total") == MAX_STEPS * BATCH
+    assert s("training_tokens_total") == collator.tokens
+    assert s("training_tokens_total") < MAX_STEPS * BATCH * 11  # padding is not counted
+    assert s("training_step_duration_seconds_count") == MAX_STEPS
+    last_log = [h for h in trainer.state.log_history if "grad_norm" in h][-1]
+    assert last_log["step"] == 15
+    # lr and pre-clip norm as the Trainer itself logged them at its last logging step.
+    assert s("training_grad_norm") == pytest.approx(last_log["grad_norm"], rel=1e-6)
+    assert s("training_learning_rate") > 0
+    assert s("training_epoch") == pytest.approx(trainer.state.epoch)
+    assert s("training_eval_loss") == pytest.approx(
+        [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h][-1]
+    )
+    assert s("training_evaluations_total") == 2.0
+    page = run["probe"].pages[MAX_STEPS]
+    assert value(page, "training_info", adapter="lora", model_type="gpt2", torch_version=torch.__version__) == 1.0
+
+
+def test_layer_and_lora_module_series(run: dict[str, Any]) -> None:
+    page = run["probe"].pages[MAX_STEPS]
+    fams = {f.name: f for f in text_string_to_metric_families(page)}
+    grad = {(x.labels["layer"], x.labels["module"]): x.value for x in fams["training_layer_grad_norm"].samples}
+    expected = {("-1", "wte")} | {
+        (str(i), m) for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert set(grad) == expected
+    assert all(v > 0 and math.isfinite(v) for v in grad.values())
+    assert value(page, "training_dead_layers") == 0.0
+    assert value(page, "training_trainable_groups") == len(expected)
+    ratios = {(x.labels["layer"], x.labels["module"]): x.value for x in fams["training_layer_update_ratio"].samples}
+    assert set(ratios) == expected and all(0 < v < 1 for v in ratios.values())
+    assert 0 < value(page, "training_top1_confidence_ratio") <= value(page, "training_top5_confidence_ratio") <= 1
+    assert 0 < value(page, "training_token_entropy_nats") < math.log(16)
+
+
+def test_missing_nvml_is_counted_and_training_completed(run: dict[str, Any]) -> None:
+    mon = run["mon"]
+    errors = mon.registry.get_sample_value(
+        "training_exporter_collector_errors_total", {"run_id": "nan-run", "collector": "gpu"}
+    )
+    if torch.cuda.is_available():  # pragma: no cover - GPU machines have NVML
+        pytest.skip("NVML present")
+    assert errors is not None and errors >= 1
+    assert mon.registry.get_sample_value("training_gpu_temperature_celsius", {"run_id": "nan-run"}) is None
+    assert mon.registry.get_sample_value("training_state", {"run_id": "nan-run", "state": "completed"}) == 1.0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_live_endpoint_passes_promtool(run: dict[str, Any]) -> None:
+    for page in run["probe"].pages.values():
+        proc = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.strip() == "" and proc.stderr.strip() == ""
+
+
+def test_every_series_carries_run_id(run: dict[str, Any]) -> None:
+    page = run["probe"].pages[MAX_STEPS]
+    for family in text_string_to_metric_families(page):
+        for s in family.samples:
+            assert s.labels.get("run_id") == "nan-run", s
+
+
+def test_broken_collector_does_not_stop_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: HostCollector) -> Any:
+        raise OSError("/proc unreadable")
+
+    monkeypatch.setattr(HostCollector, "collect", broken)
+    cb = PrometheusCallback(listen_address="127.0.0.1:0", run_id="broken")
+    probe = Probe(cb, {2, 4})
+    trainer = build_trainer([cb, probe], output_dir=str(tmp_path / "x"), max_steps=4, save_strategy="no",
+                            per_device_train_batch_size=4, disable_tqdm=True)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert value(probe.pages[4], "training_exporter_collector_errors_total", collector="host") == 2.0
+    assert value(probe.pages[4], "training_step") == 4.0
+
+
+def test_taken_port_training_goes_on(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        cb = PrometheusCallback(listen_address=f"127.0.0.1:{port}", run_id="busy")
+        trainer = build_trainer([cb], output_dir=str(tmp_path / "y"), max_steps=3, save_strategy="no",
+                                per_device_train_batch_size=4, disable_tqdm=True)
+        trainer.train()
+    assert trainer.state.global_step == 3
+    assert cb.monitor is not None and cb.monitor.port is None
+    reg = cb.monitor.registry
+    assert reg.get_sample_value("training_exporter_collector_errors_total",
+                                {"run_id": "busy", "collector": "http_server"}) == 1.0
+    assert reg.get_sample_value("training_step", {"run_id": "busy"}) == 3.0
