@@ -285,7 +285,9 @@ class TrainingMonitor:
 
     # -------------------------------------------------------------- hot path
 
-    def _forward_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _forward_hook(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if not module.training:
             return
         try:
@@ -381,7 +383,7 @@ class TrainingMonitor:
         if self._sample_updates:
             with self.errors.guard("update_ratio"):
                 with torch.no_grad():
-                    self._snapshot = torch._foreach_mul([p.detach() for p in groups.params], 1.0)
+                    self._snapshot = list(torch._foreach_mul([p.detach() for p in groups.params], 1.0))
 
     def after_optimizer_step(self) -> None:
         """Call right after ``optimizer.step()``; completes a sampled update-ratio measurement."""

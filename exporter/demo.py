@@ -14,6 +14,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from exporter.callback import PrometheusCallback
 from exporter.demo_task import ArithmeticDataset, CharTokenizer, DataCollator, FaultInjector, build_model
 from exporter.demo_task import make_training_args as task_training_args
 
@@ -74,8 +75,9 @@ def train_demo(
         seed=seed,
         eval_steps=max(max_steps // 5, 1),
     )
-    monitor = getattr(callback, "monitor", None)
-    if monitor is None and hasattr(callback, "setup"):
+    monitor = None
+    if isinstance(callback, PrometheusCallback):
+        # Start serving before the first step so a taken port fails fast.
         callback.setup(trainer.args, trainer.state, trainer.model)
         monitor = callback.monitor
     if monitor is not None:

@@ -95,7 +95,7 @@ class ParamGroups:
             sq = torch.zeros(len(self.labels), dtype=torch.float32, device=dev)
             if present:
                 ks, ts = zip(*present, strict=True)
-                norms = torch.stack(torch._foreach_norm(list(ts))).float()  # type: ignore[arg-type]
+                norms = torch.stack(torch._foreach_norm(list(ts))).float()
                 ids = gid if len(ks) == len(pos) else gid[list(ks)]
                 sq.index_add_(0, ids, norms * norms)
             out = sq if out is None else out + sq.to(out.device, non_blocking=True)

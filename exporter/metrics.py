@@ -208,3 +208,16 @@ def exposed_names(spec: MetricSpec) -> tuple[str, ...]:
     if spec.kind == "histogram":
         return (f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count")
     return (spec.name,)
+
+
+def markdown_table() -> str:
+    """The reference table embedded in docs/metrics.md (a test keeps the two in step)."""
+    rows = ["| name | type | unit | labels | help |", "|---|---|---|---|---|"]
+    for spec in ALL:
+        labels = ", ".join(f"`{x}`" for x in spec.labels) or "-"
+        rows.append(f"| `{spec.name}` | {spec.kind} | {spec.unit or '-'} | {labels} | {spec.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client import generate_latest
 import torch
+from prometheus_client import generate_latest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from exporter.config import ExporterConfig
@@ -83,7 +83,7 @@ def test_loss_ema_variance_and_nonfinite_from_a_plain_loop() -> None:
         mon.observe_loss(torch.tensor(loss))
         mon.step_end()
     # Nothing is read from the device until an export (here: the registry read below).
-    assert len(mon._pending_losses) == 4  # noqa: SLF001
+    assert len(mon._pending_losses) == 4
     assert sample(mon, "training_loss") == 1.0
     assert sample(mon, "training_loss_ema") == 2.0  # 4 -> 3 -> (NaN skipped) -> 2
     assert sample(mon, "training_loss_variance") == pytest.approx(7 / 3)  # sample variance of 4, 2, 1
@@ -182,7 +182,7 @@ def test_failing_collector_is_counted_and_scrape_goes_on() -> None:
     def boom() -> None:
         raise RuntimeError("sensor gone")
 
-    mon._host.collect = boom  # noqa: SLF001 - break the real collector in place
+    mon._host.collect = boom
     mon.begin()
     mon.observe_loss(2.0)
     mon.step_end()
