@@ -1,0 +1,450 @@
+"""Training-step overhead of the exporter callback, relative to a bare Trainer.
+
+Runs the demo's real Trainer (tiny GPT-2 + LoRA, ``exporter.demo.build_trainer``)
+in interleaved rounds of four variants and prints each variant's step time
+divided by the bare run's:
+
+  bare         no extra callback (the reference)
+  default      PrometheusCallback with default settings
+  all          every collector on, every interval 1 (the worst case)
+  tensorboard  transformers' own TensorBoardCallback, for comparison
+
+Usage (full benchmark; a few minutes on a 2-core CPU)::
+
+    .venv/bin/python bench/overhead.py --json /tmp/overhead.json
+
+Method, chosen so that a ratio is meaningful on a small, noisy machine:
+
+* Every variant trains the same model on the same data with the same seed;
+  the Trainer is built outside the timed region, a fresh one per run, with
+  ``gc.collect()`` between runs.
+* A timing callback, present in every variant (bare included, so its own cost
+  cancels), stamps ``perf_counter()`` at each ``on_step_end``. A step's time is
+  the interval between two consecutive stamps, i.e. one whole loop iteration:
+  batch fetch, forward/backward/optimizer, every callback hook and the
+  ``on_log`` work that the Trainer runs *after* ``on_step_end``. Timing only
+  ``on_step_begin`` -> ``on_step_end`` would miss that logging work, which is
+  all of TensorBoardCallback's cost and the exporter's periodic flush.
+* Per run, the first ``--warmup`` steps are dropped and the rest summarised
+  with ``--stat``: ``mean`` (default) because the exporter's and TensorBoard's
+  work is periodic (every 10 logging steps, every N sampled steps, every
+  scrape) and a per-step median would by construction hide it; ``median``
+  shows the steady-state cost of an ordinary step.
+* Variants are interleaved in rounds, the order rotated every round, so a
+  drift of the machine (other tenants, thermal) affects all of them alike.
+  Reported: the median over rounds of the per-run figure, its ratio to bare,
+  and the min..max of the per-round ratios as the noise band.
+* The exporter listens on 127.0.0.1:0 and a background thread scrapes
+  /metrics every ``--scrape-interval`` seconds during the exporter runs, so
+  scrape-time work (and its GIL contention) is included as in production.
+
+Exit status is 0 whatever the figures (a benchmark, not a test); bad
+arguments exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback
+
+from exporter.callback import PrometheusCallback
+from exporter.config import ExporterConfig
+from exporter.demo import build_trainer
+
+VARIANTS: tuple[str, ...] = ("bare", "default", "all", "tensorboard")
+# Targets, as ratios to bare (default must also be no worse than TensorBoardCallback).
+DEFAULT_LIMIT = 1.02
+ALL_LIMIT = 1.05
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class StepTimer(TrainerCallback):
+    """Stamps the end of every optimizer step; added to every variant alike."""
+
+    def __init__(self, sync_cuda: bool) -> None:
+        self.sync_cuda = sync_cuda
+        self.begin: float | None = None
+        self.ends: list[float] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        # Only the first step needs a start stamp; later steps start at the previous end.
+        if self.begin is None:
+            self.begin = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.sync_cuda:
+            # The benchmark's own sync, so the stamp sees the step's GPU work
+            # finished; every variant (bare included) pays it equally.
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        """Seconds per step: from the previous step's end (or the first begin) to this end."""
+        if self.begin is None:
+            return []
+        stamps = [self.begin, *self.ends]
+        return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+class Scraper:
+    """Scrapes a /metrics URL every ``interval`` seconds on a background thread."""
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.url = url
+        self.interval = interval
+        self.ok = 0
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-scraper", daemon=True)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        with requests.Session() as session:
+            # Like Prometheus, the first scrape comes one interval after start.
+            while not self._stop.wait(self.interval):
+                try:
+                    resp = session.get(self.url, timeout=5)
+                    resp.raise_for_status()
+                    _ = resp.text  # read the body, as a real scraper does
+                    self.ok += 1
+                except requests.RequestException:
+                    # Expected once training ends: on_train_end stops the server.
+                    self.failed += 1
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def exporter_config(variant: str) -> ExporterConfig:
+    base = ExporterConfig(listen_address="127.0.0.1:0")
+    if variant == "default":
+        return base
+    return base.replace(
+        gpu=True,
+        host=True,
+        layers=True,
+        update_ratio=True,
+        predictions=True,
+        layers_interval=1,
+        update_ratio_interval=1,
+        predictions_interval=1,
+    )
+
+
+def variant_callback(variant: str) -> TrainerCallback | None:
+    if variant == "bare":
+        return None
+    if variant == "tensorboard":
+        # Writes under output_dir/runs/, a temporary directory per run.
+        return TensorBoardCallback()
+    return PrometheusCallback(exporter_config(variant))
+
+
+@dataclass
+class RunResult:
+    variant: str
+    round: int
+    step_times_s: list[float]
+    scrapes_ok: int = 0
+
+
+def run_once(variant: str, round_no: int, opts: argparse.Namespace) -> RunResult:
+    """One fresh Trainer run of ``variant``; only ``trainer.train()`` is timed."""
+    extra = variant_callback(variant)
+    timer = StepTimer(sync_cuda=opts.device == "cuda")
+    callbacks = [timer] if extra is None else [extra, timer]
+    overrides: dict[str, Any] = {
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_steps": 10,  # the demo's default
+        "disable_tqdm": True,
+        "report_to": [],
+    }
+    if opts.device == "cuda":
+        overrides["use_cpu"] = False
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as out:
+        trainer = build_trainer(callbacks, output_dir=out, max_steps=opts.steps, seed=opts.seed, **overrides)
+        # disable_tqdm swaps the progress bar for a print() of every log dict;
+        # neither belongs in a benchmark's output (removed for all variants).
+        trainer.remove_callback(PrinterCallback)
+        scrapes = 0
+        if isinstance(extra, PrometheusCallback):
+            scrapes = train_scraped(trainer, extra, opts.scrape_interval)
+        else:
+            trainer.train()
+        times = timer.step_times()
+        del trainer
+    gc.collect()
+    return RunResult(variant, round_no, times, scrapes)
+
+
+def train_scraped(trainer: Trainer, callback: PrometheusCallback, interval: float) -> int:
+    """Train while scraping the exporter; returns the number of successful scrapes."""
+    # Start the server before train() (as `training-exporter demo` does) so the
+    # port is known; on_train_begin's setup/start are idempotent.
+    callback.setup(trainer.args, trainer.state, trainer.model)
+    monitor = callback.monitor
+    assert monitor is not None
+    monitor.start()
+    if monitor.port is None:
+        print("warning: exporter did not start a server; no scrapes", file=sys.stderr)
+        trainer.train()
+        return 0
+    with Scraper(f"http://127.0.0.1:{monitor.port}/metrics", interval) as scraper:
+        trainer.train()
+    return scraper.ok
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    per_round_s: list[float]
+    step_s: float  # median over rounds of the per-run statistic
+    p50_step_s: float  # median over rounds of the per-run median step (steady state)
+    ratio: float = math.nan
+    ratio_min: float = math.nan
+    ratio_max: float = math.nan
+    scrapes: int = 0
+    per_round_ratio: list[float] = field(default_factory=list)
+
+
+def per_run(times: Sequence[float], warmup: int, stat: str) -> float:
+    kept = times[warmup:]
+    if not kept:
+        return math.nan
+    return statistics.fmean(kept) if stat == "mean" else statistics.median(kept)
+
+
+def summarise(results: Sequence[RunResult], opts: argparse.Namespace) -> dict[str, VariantSummary]:
+    by_variant: dict[str, list[RunResult]] = {v: [] for v in opts.variants}
+    for r in results:
+        by_variant[r.variant].append(r)
+    out: dict[str, VariantSummary] = {}
+    for v, runs in by_variant.items():
+        runs.sort(key=lambda r: r.round)
+        figures = [per_run(r.step_times_s, opts.warmup, opts.stat) for r in runs]
+        medians = [per_run(r.step_times_s, opts.warmup, "median") for r in runs]
+        out[v] = VariantSummary(
+            variant=v,
+            per_round_s=figures,
+            step_s=statistics.median(figures),
+            p50_step_s=statistics.median(medians),
+            scrapes=sum(r.scrapes_ok for r in runs),
+        )
+    bare = out["bare"]
+    for s in out.values():
+        s.ratio = s.step_s / bare.step_s
+        # Ratios within the same round share the machine's state at that time.
+        s.per_round_ratio = [a / b for a, b in zip(s.per_round_s, bare.per_round_s, strict=True)]
+        s.ratio_min, s.ratio_max = min(s.per_round_ratio), max(s.per_round_ratio)
+    return out
+
+
+def targets(summary: dict[str, VariantSummary]) -> list[tuple[str, bool | None, str]]:
+    """(target, passed, figures) per target; passed is None where a variant was not run."""
+
+    def ratio(v: str) -> float | None:
+        return summary[v].ratio if v in summary else None
+
+    d, a, tb = ratio("default"), ratio("all"), ratio("tensorboard")
+
+    def fmt(**figs: float | None) -> str:
+        return ", ".join(f"{k}={v:.3f}" for k, v in figs.items() if v is not None)
+
+    return [
+        (f"default <= {DEFAULT_LIMIT:.2f} x bare", None if d is None else d <= DEFAULT_LIMIT, fmt(default=d)),
+        ("default <= tensorboard", None if d is None or tb is None else d <= tb, fmt(default=d, tensorboard=tb)),
+        (f"all     <= {ALL_LIMIT:.2f} x bare", None if a is None else a <= ALL_LIMIT, fmt(all=a)),
+    ]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def render(summary: dict[str, VariantSummary], opts: argparse.Namespace) -> str:
+    header = ("variant", f"{opts.stat} ms/step", "ratio", "round ratios min..max", "p50 ms/step", "scrapes")
+    rows = [header]
+    for s in summary.values():
+        rows.append(
+            (
+                s.variant,
+                f"{s.step_s * 1e3:.2f}",
+                f"{s.ratio:.3f}",
+                f"{s.ratio_min:.3f}..{s.ratio_max:.3f}",
+                f"{s.p50_step_s * 1e3:.2f}",
+                str(s.scrapes) if s.variant in ("default", "all") else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    for desc, ok, figures in targets(summary):
+        verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        lines.append(f"{verdict}  {desc:<24}  ({figures or 'not run'})")
+    if opts.repeats < 3:
+        lines.append(f"note: only {opts.repeats} round(s); ratios are indicative, use --repeats >= 5")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, summary: dict[str, VariantSummary], opts: argparse.Namespace) -> None:
+    payload = {
+        "settings": {k: v for k, v in vars(opts).items() if k != "json"},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version},
+        "variants": {v: asdict(s) for v, s in summary.items()},
+        "targets": [{"target": d, "pass": ok} for d, ok, _ in targets(summary)],
+    }
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def variant_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    # bare is the reference every ratio is taken against.
+    return ["bare", *[v for v in VARIANTS if v in names and v != "bare"]]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps per run (default: 100)")
+    p.add_argument(
+        "--warmup", type=non_negative_int, default=10, help="leading steps of each run left out (default: 10)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds (default: 5)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch.set_num_threads for every run (default: 1; fixed so runs compare)",
+    )
+    p.add_argument(
+        "--scrape-interval",
+        type=positive_float,
+        default=1.0,
+        help="seconds between /metrics scrapes during exporter runs (default: 1.0)",
+    )
+    p.add_argument(
+        "--stat",
+        choices=("mean", "median"),
+        default="mean",
+        help="per-run figure over the measured steps (default: mean, which includes periodic work)",
+    )
+    p.add_argument(
+        "--variants",
+        type=variant_list,
+        default=list(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (bare is always run)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=default_device,
+        help=f"where to train (default here: {default_device})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="model / data seed, the same for every run (default: 0)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
+    opts = p.parse_args(argv)
+    if opts.warmup >= opts.steps:
+        p.error(f"--warmup ({opts.warmup}) must be smaller than --steps ({opts.steps})")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if opts.json is not None and not opts.json.parent.is_dir():
+        p.error(f"--json: directory {str(opts.json.parent)!r} does not exist")
+    return opts
+
+
+def schedule(variants: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """Interleaved rounds, each rotated by one, so no variant always runs first."""
+    order: list[tuple[int, str]] = []
+    for r in range(repeats):
+        k = r % len(variants)
+        order += [(r, v) for v in [*variants[k:], *variants[:k]]]
+    return order
+
+
+def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) -> int:
+    opts = parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    transformers.logging.set_verbosity_error()
+    log(
+        f"device={opts.device} threads={opts.threads} steps={opts.steps} warmup={opts.warmup} "
+        f"repeats={opts.repeats} scrape_interval={opts.scrape_interval}s stat={opts.stat} "
+        f"torch={torch.__version__} transformers={transformers.__version__}"
+    )
+    # One short untimed run first: the process's one-off costs (lazy imports,
+    # allocator growth) must not land on whichever variant happens to run first.
+    run_once("bare", -1, argparse.Namespace(**{**vars(opts), "steps": min(opts.steps, opts.warmup + 5)}))
+    results: list[RunResult] = []
+    for round_no, variant in schedule(opts.variants, opts.repeats):
+        results.append(run_once(variant, round_no, opts))
+    summary = summarise(results, opts)
+    log(render(summary, opts))
+    if opts.json is not None:
+        write_json(opts.json, summary, opts)
+        log(f"wrote {opts.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
