@@ -313,10 +313,9 @@ class TrainingMonitor:
         """Add non-padding tokens; a device tensor is accumulated on the device and read at export."""
         with self._pending_lock:
             if isinstance(tokens, torch.Tensor):
-                t = tokens.detach().reshape(()).to(torch.float64)
-                self._pending_tokens = t if self._pending_tokens is None else self._pending_tokens + t.to(
-                    self._pending_tokens.device
-                )
+                t = tokens.detach().reshape(())
+                pending = self._pending_tokens
+                self._pending_tokens = t if pending is None else pending + t.to(pending.device)
             else:
                 self.child(m.TOKENS).inc(tokens)
 
