@@ -411,8 +411,12 @@ class TrainingMonitor:
             self.child(m.LAST_STEP_TIME).set(time.time())
             micro, self._micro_losses = self._micro_losses, []
             if micro:
-                stacked = torch.stack([t.reshape(()).to(micro[0].device) for t in micro])
-                step_loss = stacked.sum() * self.loss_sum_scale if self._micro_summed else stacked.mean()
+                if len(micro) == 1 and not (self._micro_summed and self.loss_sum_scale != 1.0):
+                    # The common case costs no device op at all.
+                    step_loss = micro[0]
+                else:
+                    stacked = torch.stack([t.reshape(()).to(micro[0].device) for t in micro])
+                    step_loss = stacked.sum() * self.loss_sum_scale if self._micro_summed else stacked.mean()
                 with self._pending_lock:
                     self._pending_losses.append(step_loss)
                     backlog = len(self._pending_losses)
@@ -435,7 +439,9 @@ class TrainingMonitor:
                 preds, self._pending_predictions = self._pending_predictions, None
             try:
                 if losses:
-                    self._export_losses(torch.stack([t.to(losses[0].device) for t in losses]).double().tolist())
+                    self._export_losses(
+                        torch.stack([t.reshape(()).to(losses[0].device) for t in losses]).double().tolist()
+                    )
                 if tokens is not None:
                     self.child(m.TOKENS).inc(max(0.0, float(tokens)))
                 if gnorm is not None:

@@ -201,3 +201,24 @@ def test_taken_port_training_goes_on(tmp_path: Path) -> None:
     assert reg.get_sample_value("training_exporter_collector_errors_total",
                                 {"run_id": "busy", "collector": "http_server"}) == 1.0
     assert reg.get_sample_value("training_step", {"run_id": "busy"}) == 3.0
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_step_loss_matches_the_trainers_own_loss(tmp_path: Path, accumulation: int) -> None:
+    cb = PrometheusCallback(listen_address="127.0.0.1:0", run_id="ga", gpu=False, host=False)
+    losses: list[float] = []
+
+    class Every(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                assert cb.monitor is not None
+                got = cb.monitor.registry.get_sample_value("training_loss", {"run_id": "ga"})
+                losses.append(got - logs["loss"])  # type: ignore[operator]
+
+    trainer = build_trainer([cb, Every()], output_dir=str(tmp_path / "ga"), max_steps=3, save_strategy="no",
+                            per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+                            logging_steps=1, disable_tqdm=True)
+    trainer.train()
+    assert len(losses) == 3
+    # Trainer logs round to 4 significant digits in 5.x; the exporter keeps full precision.
+    assert all(abs(d) < 1e-3 for d in losses), losses
