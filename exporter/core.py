@@ -139,7 +139,9 @@ class TrainingMonitor:
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._pending_losses: list[torch.Tensor] = []
-        self._pending_tokens: torch.Tensor | None = None
+        self._pending_tokens: list[torch.Tensor] = []
+        self._pending_token_count = 0
+        self._pending_samples = 0
         self._pending_grads: torch.Tensor | None = None
         self._pending_grad_norm: torch.Tensor | float | None = None
         self._pending_updates: torch.Tensor | None = None
@@ -298,9 +300,9 @@ class TrainingMonitor:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
             if isinstance(input_ids, torch.Tensor):
-                self.child(m.SAMPLES).inc(input_ids.shape[0] if input_ids.dim() > 1 else 1)
-                tokens = mask.sum() if isinstance(mask, torch.Tensor) else input_ids.numel()
-                self.observe_tokens(tokens)
+                with self._pending_lock:
+                    self._pending_samples += input_ids.shape[0] if input_ids.dim() > 1 else 1
+                self.observe_tokens(mask.sum() if isinstance(mask, torch.Tensor) else input_ids.numel())
             if self._sample_predictions:
                 self._sample_predictions = False
                 logits = _field(output, "logits", 1)
@@ -313,11 +315,10 @@ class TrainingMonitor:
         """Add non-padding tokens; a device tensor is accumulated on the device and read at export."""
         with self._pending_lock:
             if isinstance(tokens, torch.Tensor):
-                t = tokens.detach().reshape(())
-                pending = self._pending_tokens
-                self._pending_tokens = t if pending is None else pending + t.to(pending.device)
+                # Summed at export in one op: cheaper in the loop than a running add.
+                self._pending_tokens.append(tokens.detach())
             else:
-                self.child(m.TOKENS).inc(tokens)
+                self._pending_token_count += int(tokens)
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record the loss of the current step directly (for loops whose model returns no .loss)."""
@@ -420,7 +421,7 @@ class TrainingMonitor:
                 with self._pending_lock:
                     self._pending_losses.append(step_loss)
                     backlog = len(self._pending_losses)
-                if backlog >= MAX_PENDING_STEPS:
+                if backlog >= MAX_PENDING_STEPS or len(self._pending_tokens) >= 4 * MAX_PENDING_STEPS:
                     self.flush()
         except Exception as exc:
             self.errors.record("step", exc)
@@ -432,7 +433,9 @@ class TrainingMonitor:
         with self._flush_lock:
             with self._pending_lock:
                 losses, self._pending_losses = self._pending_losses, []
-                tokens, self._pending_tokens = self._pending_tokens, None
+                tokens, self._pending_tokens = self._pending_tokens, []
+                token_count, self._pending_token_count = self._pending_token_count, 0
+                samples, self._pending_samples = self._pending_samples, 0
                 grads, self._pending_grads = self._pending_grads, None
                 gnorm, self._pending_grad_norm = self._pending_grad_norm, None
                 updates, self._pending_updates = self._pending_updates, None
@@ -442,8 +445,12 @@ class TrainingMonitor:
                     self._export_losses(
                         torch.stack([t.reshape(()).to(losses[0].device) for t in losses]).double().tolist()
                     )
-                if tokens is not None:
-                    self.child(m.TOKENS).inc(max(0.0, float(tokens)))
+                if tokens:
+                    token_count += int(torch.stack([t.reshape(()).to(tokens[0].device) for t in tokens]).sum())
+                if token_count:
+                    self.child(m.TOKENS).inc(token_count)
+                if samples:
+                    self.child(m.SAMPLES).inc(samples)
                 if gnorm is not None:
                     self.child(m.GRAD_NORM).set(float(gnorm))
                 if grads is not None and self._groups is not None:

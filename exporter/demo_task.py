@@ -192,13 +192,17 @@ def build_model(
 ) -> nn.Module:
     """A randomly initialised GPT-2, LoRA-wrapped unless ``lora=False``.
 
-    The base model is random (nothing is downloaded), so LoRA alone would have
-    to route everything through frozen random embeddings. The token embedding
-    ``wte`` is therefore fully trained via ``modules_to_save``, and
-    ``ensure_weight_tying`` keeps the tied ``lm_head`` pointing at that trained
-    copy; with the untied variant the loss falls markedly slower. The adapter
-    targets every GPT-2 projection (``c_attn``, both ``c_proj``, ``c_fc``);
-    these are ``Conv1D`` layers, hence ``fan_in_fan_out=True``.
+    The base model is random (nothing is downloaded), and LoRA alone, reading
+    and writing through frozen random embeddings, learns only the answer
+    format and then stalls. So the embeddings are trained in full via
+    ``modules_to_save``: the token embedding, and the position embedding, which
+    is what lets the model find the digit pairs. The token embedding is listed
+    as ``lm_head`` on purpose: with ``ensure_weight_tying`` PEFT then trains
+    ``transformer.wte`` and keeps the tied ``lm_head`` on that trained copy
+    (naming ``wte`` itself leaves ``lm_head`` on the frozen original, which
+    learns no faster than plain LoRA). The adapter targets every GPT-2
+    projection (``c_attn``, both ``c_proj``, ``c_fc``); these are ``Conv1D``
+    layers, hence ``fan_in_fan_out=True``.
 
     Initialisation happens under a forked RNG seeded with ``seed``: the same
     arguments give bit-identical weights and the caller's RNG is untouched.
@@ -228,7 +232,7 @@ def build_model(
                 target_modules=["c_attn", "c_proj", "c_fc"],
                 lora_dropout=0.0,
                 fan_in_fan_out=True,
-                modules_to_save=["wte"],
+                modules_to_save=["lm_head", "wpe"],
                 ensure_weight_tying=True,
                 task_type="CAUSAL_LM",
             )
