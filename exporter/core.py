@@ -368,7 +368,7 @@ class TrainingMonitor:
             with self.errors.guard("step"):
                 lr = optimizer.param_groups[0]["lr"]
                 self.child(m.LEARNING_RATE).set(float(lr))
-        groups = self._current_groups()
+        groups = self._groups
         if groups is None or len(groups) == 0:
             return
         if self._sample_layers:
@@ -388,7 +388,7 @@ class TrainingMonitor:
     def after_optimizer_step(self) -> None:
         """Call right after ``optimizer.step()``; completes a sampled update-ratio measurement."""
         snap, self._snapshot = self._snapshot, None
-        groups = self._current_groups()
+        groups = self._groups
         if snap is None or groups is None:
             return
         with self.errors.guard("update_ratio"):
@@ -559,9 +559,6 @@ class TrainingMonitor:
             prev(tp, value, tb)
 
         sys.excepthook = excepthook
-
-    def _current_groups(self) -> ParamGroups | None:
-        return self._groups
 
     def __enter__(self) -> TrainingMonitor:
         return self

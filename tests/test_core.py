@@ -250,3 +250,23 @@ def test_crash_turns_state_to_crashed_before_exit(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_extra_labels_on_every_series_and_server_stops() -> None:
+    cfg = ExporterConfig(listen_address="127.0.0.1:0", labels={"team": "nlp", "cluster": "a"}, gpu=False)
+    mon = TrainingMonitor(cfg, run_id="labelled")
+    mon.start()
+    port = mon.port
+    assert port
+    mon.begin(max_steps=1)
+    mon.step_begin()
+    mon.observe_loss(0.5)
+    mon.step_end()
+    page = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    samples = [line for line in page.splitlines() if line and not line.startswith("#")]
+    assert len(samples) > 40
+    for line in samples:
+        assert 'run_id="labelled"' in line and 'team="nlp"' in line and 'cluster="a"' in line, line
+    mon.end()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
