@@ -67,9 +67,11 @@ def build_parser() -> OneLineParser:
         help="Fine-tune a tiny GPT-2 + LoRA on synthetic arithmetic on the CPU, serving /metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--max-steps", type=_positive_int, default=300, help="Optimizer steps to train.")
+    demo.add_argument("--max-steps", type=_positive_int, default=5000,
+                      help="Optimizer steps to train (5000: about a minute on one CPU core).")
     demo.add_argument("--output-dir", default="demo-output", help="Checkpoints go to DIR/checkpoint-N.")
-    demo.add_argument("--save-steps", type=_positive_int, default=100, help="Save a checkpoint every N steps.")
+    demo.add_argument("--save-steps", type=_positive_int, default=500, help="Save a checkpoint every N steps.")
+    demo.add_argument("--logging-steps", type=_positive_int, default=50, help="Trainer logging interval.")
     demo.add_argument("--inject", action="append", type=_fault, default=[], metavar="KIND@STEP",
                       help="Fault injection for alert demos: nan@STEP or spike@STEP (repeatable).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")
@@ -98,6 +100,7 @@ def run_demo(args: argparse.Namespace, config: ExporterConfig) -> int:
             output_dir=args.output_dir,
             max_steps=args.max_steps,
             save_steps=args.save_steps,
+            logging_steps=args.logging_steps,
             faults=args.inject,
             seed=args.seed,
         )

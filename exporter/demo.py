@@ -63,7 +63,8 @@ def train_demo(
     *,
     output_dir: str,
     max_steps: int,
-    save_steps: int = 100,
+    save_steps: int = 500,
+    logging_steps: int = 50,
     faults: Sequence[str] = (),
     seed: int = 0,
 ) -> None:
@@ -75,6 +76,7 @@ def train_demo(
         faults=faults,
         seed=seed,
         eval_steps=max(max_steps // 5, 1),
+        logging_steps=logging_steps,
     )
     if not torch.cuda.is_available():
         # A model this small gains nothing from intra-op threads, and on a busy
