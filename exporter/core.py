@@ -62,6 +62,9 @@ log = logging.getLogger("training_exporter")
 # pending without a scrape, so memory stays bounded when nobody is scraping.
 MAX_PENDING_STEPS = 512
 MAX_EVAL_NAMES = 50
+# Positions per sampled batch for entropy / confidence: bounds the float32
+# softmax to PREDICTION_POSITIONS x vocab (about 77 MB for a 150k vocabulary).
+PREDICTION_POSITIONS = 128
 
 
 class PortInUseError(OSError):
@@ -332,22 +335,37 @@ class TrainingMonitor:
             self._pending_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else float(norm)
 
     def _observe_logits(self, logits: torch.Tensor, labels: Any, mask: Any) -> None:
+        """Entropy and top-1 / top-5 confidence over up to PREDICTION_POSITIONS labelled positions.
+
+        Fixed-size on purpose: a boolean-mask selection would need a device->host
+        sync to learn its size, and a softmax over every position of a large
+        vocabulary would double the logits' memory. Positions are drawn with
+        topk over "labelled + random tie-break" scores, which prefers labelled
+        ones and has a static shape; unlabelled picks get weight 0.
+        """
         with torch.no_grad():
+            vocab = logits.shape[-1]
+            flat = logits.reshape(-1, vocab)
             if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
                 # Causal LM: the logits at position t predict the label at t+1.
-                keep = labels[..., 1:] != -100
-                rows = logits[..., :-1, :][keep]
+                keep = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+                keep[..., :-1] = labels[..., 1:] != -100
             elif isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
-                rows = logits[mask.bool()]
+                keep = (mask != 0).float()
             else:
-                rows = logits.reshape(-1, logits.shape[-1])
-            if rows.numel() == 0:
-                return
+                keep = torch.ones(logits.shape[:-1], device=logits.device)
+            keep = keep.reshape(-1)
+            if keep.numel() <= PREDICTION_POSITIONS:
+                weight, rows = keep, flat
+            else:
+                score = torch.rand(keep.shape, device=keep.device).mul_(0.5).add_(keep)
+                top_score, idx = score.topk(PREDICTION_POSITIONS)
+                weight, rows = (top_score >= 1.0).float(), flat.index_select(0, idx)
             logp = torch.log_softmax(rows.float(), dim=-1)
             p = logp.exp()
-            entropy = -(p * logp).sum(-1).mean()
-            top = p.topk(min(5, p.shape[-1]), dim=-1).values
-            stats = torch.stack([entropy, top[:, 0].mean(), top.sum(-1).mean()])
+            top = p.topk(min(5, vocab), dim=-1).values
+            per_pos = torch.stack([-(p * logp).sum(-1), top[:, 0], top.sum(-1)])
+            stats = torch.cat([per_pos @ weight, weight.sum().reshape(1)])
         with self._pending_lock:
             self._pending_predictions = stats
 
@@ -395,7 +413,8 @@ class TrainingMonitor:
             with torch.no_grad():
                 current = [p.detach() for p in groups.params]
                 deltas = torch._foreach_sub(current, snap)
-                ratio = groups.grouped_norms(deltas) / groups.grouped_norms(snap).clamp_min(1e-30)
+                delta_norm, weight_norm = groups.grouped_norms(deltas, snap)
+                ratio = delta_norm / weight_norm.clamp_min(1e-30)
             with self._pending_lock:
                 self._pending_updates = ratio
 
@@ -464,10 +483,11 @@ class TrainingMonitor:
                     for (layer, module), v in zip(self._groups.labels, updates.tolist(), strict=True):
                         self.child(m.UPDATE_RATIO, layer, module).set(v)
                 if preds is not None:
-                    entropy, top1, top5 = preds.tolist()
-                    self.child(m.TOKEN_ENTROPY).set(entropy)
-                    self.child(m.TOP1_CONFIDENCE).set(top1)
-                    self.child(m.TOP5_CONFIDENCE).set(top5)
+                    entropy, top1, top5, positions = preds.tolist()
+                    if positions > 0:
+                        self.child(m.TOKEN_ENTROPY).set(entropy / positions)
+                        self.child(m.TOP1_CONFIDENCE).set(top1 / positions)
+                        self.child(m.TOP5_CONFIDENCE).set(top5 / positions)
             except Exception as exc:
                 self.errors.record("flush", exc)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -50,13 +49,18 @@ def layer_sort_key(layer: str) -> tuple[int, int]:
     return (0, int(layer))
 
 
-@dataclass
 class ParamGroups:
     """Trainable parameters grouped by (layer, module), ready for fused norm computation."""
 
-    labels: list[tuple[str, str]]
-    params: list[torch.nn.Parameter]
-    index: dict[torch.device, tuple[list[int], torch.Tensor]]  # device -> (positions in params, group ids)
+    def __init__(self, labels: list[tuple[str, str]], params: list[torch.nn.Parameter], group_of: list[int]) -> None:
+        self.labels = labels
+        self.params = params
+        self._gid_host = group_of
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        self.positions = by_device
+        self._index_cache: dict[tuple[torch.device, int], torch.Tensor] = {}
 
     @classmethod
     def from_named(cls, named: Iterable[tuple[str, torch.nn.Parameter]]) -> ParamGroups:
@@ -66,39 +70,49 @@ class ParamGroups:
         for name, p in named:
             if not p.requires_grad:
                 continue
-            key = layer_and_module(name)
-            group_of.append(keyed.setdefault(key, len(keyed)))
+            group_of.append(keyed.setdefault(layer_and_module(name), len(keyed)))
             params.append(p)
-        by_device: dict[torch.device, list[int]] = {}
-        for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
-        index = {
-            dev: (pos, torch.tensor([group_of[i] for i in pos], dtype=torch.long, device=dev))
-            for dev, pos in by_device.items()
-        }
-        labels = list(keyed)
-        return cls(labels=labels, params=params, index=index)
+        return cls(labels=list(keyed), params=params, group_of=group_of)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def grouped_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """L2 norm per group of ``tensors`` (aligned with ``params``), as one float32 tensor.
+    def grouped_norms(self, *tensor_lists: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """L2 norm per group of each list (aligned with ``params``): a float32 ``(len(lists), groups)`` tensor,
+        squeezed to ``(groups,)`` for a single list.
 
-        Stays on the device: one fused ``_foreach_norm`` per device and a
-        scatter-add of the squares, no host synchronisation. ``None`` entries
-        (a trainable parameter that got no gradient) count as zero.
+        Stays on the device: one fused ``_foreach_norm`` per device over all
+        the lists together and one scatter-add of the squares, no host
+        synchronisation. ``None`` entries (a trainable parameter that got no
+        gradient) count as zero.
         """
+        n_groups, n_lists = len(self.labels), len(tensor_lists)
         out: torch.Tensor | None = None
-        for dev, (pos, gid) in self.index.items():
-            present = [(k, tensors[i]) for k, i in enumerate(pos) if tensors[i] is not None]
-            sq = torch.zeros(len(self.labels), dtype=torch.float32, device=dev)
-            if present:
-                ks, ts = zip(*present, strict=True)
-                norms = torch.stack(torch._foreach_norm(list(ts))).float()
-                ids = gid if len(ks) == len(pos) else gid[list(ks)]
-                sq.index_add_(0, ids, norms * norms)
+        for dev, pos in self.positions.items():
+            flat = [t for tensors in tensor_lists for i in pos if (t := tensors[i]) is not None]
+            if not flat:
+                sq = torch.zeros(n_lists * n_groups, dtype=torch.float32, device=dev)
+            else:
+                if len(flat) == n_lists * len(pos):
+                    index = self._cached_index(dev, n_lists, pos)
+                else:  # some gradients are missing: build this step's index
+                    ids = [j * n_groups + self._gid_host[i] for j, tensors in enumerate(tensor_lists)
+                           for i in pos if tensors[i] is not None]
+                    index = torch.tensor(ids, dtype=torch.long, device=dev)
+                norms = torch.stack(torch._foreach_norm(flat)).float()
+                # One op for "sum of squares per group" (zeros + index_add_ would be two).
+                sq = torch.bincount(index, weights=norms * norms, minlength=n_lists * n_groups).float()
             out = sq if out is None else out + sq.to(out.device, non_blocking=True)
         if out is None:
             return torch.zeros(0)
-        return out.sqrt()
+        result = out.sqrt().view(n_lists, n_groups)
+        return result[0] if n_lists == 1 else result
+
+    def _cached_index(self, dev: torch.device, n_lists: int, pos: list[int]) -> torch.Tensor:
+        key = (dev, n_lists)
+        index = self._index_cache.get(key)
+        if index is None:
+            n_groups = len(self.labels)
+            ids = [j * n_groups + self._gid_host[i] for j in range(n_lists) for i in pos]
+            index = self._index_cache[key] = torch.tensor(ids, dtype=torch.long, device=dev)
+        return index
