@@ -157,7 +157,6 @@ class TrainingMonitor:
         self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
 
         self._groups: ParamGroups | None = None
-        self._model_ref: weakref.ReferenceType[torch.nn.Module] | None = None
         self._hook: Any = None
         self._step = 0
         self._step_started: float | None = None
@@ -176,7 +175,6 @@ class TrainingMonitor:
         self._host: Any = None
         self._ended = False
         self._atexit_registered = False
-        self._prev_excepthook: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -267,7 +265,6 @@ class TrainingMonitor:
         with self.errors.guard("hook"):
             if self._hook is not None:
                 self._hook.remove()
-            self._model_ref = weakref.ref(model)
             self._groups = ParamGroups.from_named(model.named_parameters())
             self.child(m.TRAINABLE_GROUPS).set(len(self._groups))
             self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
@@ -310,7 +307,8 @@ class TrainingMonitor:
                 self._sample_predictions = False
                 logits = _field(output, "logits", 1)
                 if isinstance(logits, torch.Tensor):
-                    self._observe_logits(logits, kwargs.get("labels"), mask)
+                    with self.errors.guard("predictions"):
+                        self._observe_logits(logits, kwargs.get("labels"), mask)
         except Exception as exc:
             self.errors.record("hook", exc)
 
