@@ -210,14 +210,20 @@ def exposed_names(spec: MetricSpec) -> tuple[str, ...]:
     return (spec.name,)
 
 
-def markdown_table() -> str:
-    """The reference table embedded in docs/metrics.md (a test keeps the two in step)."""
+def markdown_table(specs: tuple[MetricSpec, ...] = ALL) -> str:
+    """A reference table embedded in docs/metrics.md (a test keeps the two in step)."""
     rows = ["| name | type | unit | labels | help |", "|---|---|---|---|---|"]
-    for spec in ALL:
+    for spec in specs:
         labels = ", ".join(f"`{x}`" for x in spec.labels) or "-"
         rows.append(f"| `{spec.name}` | {spec.kind} | {spec.unit or '-'} | {labels} | {spec.help} |")
     return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
+    from analytics_jobs import metrics as analytics
+
+    print("<!-- BEGIN GENERATED -->")
     print(markdown_table(), end="")
+    print("<!-- END GENERATED -->\n\n## Analytics exporter\n\n<!-- BEGIN GENERATED ANALYTICS -->")
+    print(markdown_table(analytics.ALL), end="")
+    print("<!-- END GENERATED ANALYTICS -->")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from analytics_jobs import metrics as analytics
 from exporter import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +15,15 @@ def test_docs_table_is_generated_from_the_catalogue() -> None:
     text = (ROOT / "docs" / "metrics.md").read_text()
     generated = text.split("<!-- BEGIN GENERATED -->\n", 1)[1].split("<!-- END GENERATED -->", 1)[0]
     assert generated == metrics.markdown_table(), "run: python -m exporter.metrics and paste into docs/metrics.md"
+    generated = text.split("<!-- BEGIN GENERATED ANALYTICS -->\n", 1)[1].split("<!-- END GENERATED ANALYTICS -->")[0]
+    assert generated == metrics.markdown_table(analytics.ALL)
 
 
 def test_catalogue_follows_prometheus_conventions() -> None:
-    names = [s.name for s in metrics.ALL]
+    specs = metrics.ALL + analytics.ALL
+    names = [s.name for s in specs]
     assert len(names) == len(set(names))
-    for spec in metrics.ALL:
+    for spec in specs:
         assert re.fullmatch(r"training_[a-z0-9_]+", spec.name), spec.name
         assert (spec.kind == "counter") == spec.name.endswith("_total"), spec.name
         if spec.unit:
@@ -30,5 +34,5 @@ def test_catalogue_follows_prometheus_conventions() -> None:
 
 
 def test_units_are_base_units() -> None:
-    for spec in metrics.ALL:
+    for spec in metrics.ALL + analytics.ALL:
         assert not re.search(r"_(milliseconds|ms|kilobytes|megabytes|mib|gib|percent)(_|$)", spec.name), spec.name
