@@ -142,6 +142,27 @@ EVAL_METRIC = _g(
     labels=("name",),
 )
 EVALUATIONS = _c("training_evaluations_total", "Evaluations run.")
+# Produced by the fixed evaluation and the dataset profile (source "eval"); the
+# names are fixed here so the rules and dashboards can be written against them.
+EVAL_EXACT_MATCH = _g(
+    "training_eval_exact_match_ratio",
+    "Exact-match rate of the last fixed evaluation, by regime and source pool.",
+    unit="ratio",
+    labels=("regime", "source"),
+    source="eval",
+)
+EVAL_CALIBRATION_ERROR = _g(
+    "training_eval_calibration_error_ratio",
+    "Expected calibration error (15 equal-width bins) of the last fixed evaluation.",
+    unit="ratio",
+    source="eval",
+)
+DATASET_DRIFT = _g(
+    "training_dataset_drift_js_divergence",
+    "Jensen-Shannon divergence (base 2, 0..1) of the recent batches' profile from the reference data, by feature.",
+    labels=("feature",),
+    source="eval",
+)
 
 GPU_TEMPERATURE = _g(
     "training_gpu_temperature_celsius", "GPU core temperature.", unit="celsius", labels=("gpu", "UUID"), source="gpu"
