@@ -244,7 +244,10 @@ def run_once(variant: str, round_no: int, opts: argparse.Namespace) -> RunResult
     if opts.device == "cuda":
         overrides["use_cpu"] = False
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as out:
-        trainer = build_trainer(callbacks, output_dir=out, max_steps=opts.steps, seed=opts.seed, **overrides)
+        size = {"n_layer": opts.n_layer, "n_embd": opts.n_embd, "n_head": opts.n_head}
+        trainer = build_trainer(
+            callbacks, output_dir=out, max_steps=opts.steps, seed=opts.seed, model_size=size, **overrides
+        )
         # disable_tqdm swaps the progress bar for a print() of every log dict;
         # neither belongs in a benchmark's output (removed for all variants).
         trainer.remove_callback(PrinterCallback)
@@ -477,6 +480,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="step clock: cpu (process CPU time, default on cpu) or wall (default on cuda)",
     )
     p.add_argument("--seed", type=int, default=0, help="model / data seed, the same for every run (default: 0)")
+    p.add_argument("--n-layer", type=positive_int, default=2, help="GPT-2 blocks (default: 2, the demo's model)")
+    p.add_argument("--n-embd", type=positive_int, default=64, help="hidden size (default: 64, the demo's model)")
+    p.add_argument("--n-head", type=positive_int, default=4, help="attention heads (default: 4)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     opts = p.parse_args(argv)
     if opts.clock is None:
@@ -506,6 +512,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] = print) 
     log(
         f"device={opts.device} threads={opts.threads} steps={opts.steps} warmup={opts.warmup} "
         f"repeats={opts.repeats} scrape_interval={opts.scrape_interval}s stat={opts.stat} clock={opts.clock} "
+        f"model=gpt2(n_layer={opts.n_layer}, n_embd={opts.n_embd}) "
         f"torch={torch.__version__} transformers={transformers.__version__}"
     )
     # One short untimed run first: the process's one-off costs (lazy imports,

@@ -9,7 +9,7 @@ be injected on purpose to see the alerts fire.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,11 +34,15 @@ def build_trainer(
     faults: Sequence[str] = (),
     seed: int = 0,
     eval_steps: int | None = None,
+    model_size: Mapping[str, int] | None = None,
     **overrides: Any,
 ) -> Trainer:
-    """The demo's Trainer, also used by the tests and the benchmarks."""
+    """The demo's Trainer, also used by the tests and the benchmarks.
+
+    ``model_size`` (``n_layer``, ``n_embd``, ``n_head``) overrides the tiny default model.
+    """
     tokenizer = CharTokenizer()
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, **dict(model_size or {}))
     injector = FaultInjector(faults)
     # Registered before the exporter's own hook, so the exporter sees the injected loss.
     injector.attach(model)
