@@ -59,6 +59,7 @@ class ExporterConfig:
     predictions_interval: int = 50
     ema_alpha: float = 0.1
     variance_window: int = 50
+    loss_window_seconds: float = 60.0
     linger_seconds: float = 0.0
     ranks: str = "zero"
     port_in_use: str = "continue"
@@ -131,6 +132,12 @@ def _check_alpha(v: Any) -> str | None:
 def _check_linger(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         return f"must be a number of seconds >= 0, got {v!r}"
+    return None
+
+
+def _check_window(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        return f"must be a number of seconds > 0, got {v!r}"
     return None
 
 
@@ -211,6 +218,9 @@ OPTIONS: tuple[Option, ...] = (
            "Weight of the newest loss in the EMA (0 < alpha <= 1).", _check_alpha, "float"),
     Option("variance_window", "loss.variance_window", "loss.variance-window",
            "Number of recent finite losses the variance is taken over.", _positive_int, "int"),
+    Option("loss_window_seconds", "loss.window_seconds", "loss.window-seconds",
+           "Seconds of steps training_loss_recent_max is taken over; longer than the scrape interval, so a "
+           "one-step spike is scraped.", _check_window, "float"),
 )
 _BY_YAML = {o.yaml: o for o in OPTIONS}
 

@@ -142,6 +142,7 @@ class TrainingMonitor:
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._pending_losses: list[torch.Tensor] = []
+        self._pending_loss_times: list[float] = []
         self._pending_tokens: list[torch.Tensor] = []
         self._pending_token_count = 0
         self._pending_samples = 0
@@ -155,6 +156,7 @@ class TrainingMonitor:
         self.loss_sum_scale = 1.0
         self._ema: float | None = None
         self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()
 
         self._groups: ParamGroups | None = None
         self._hook: Any = None
@@ -437,6 +439,7 @@ class TrainingMonitor:
                     step_loss = stacked.sum() * self.loss_sum_scale if self._micro_summed else stacked.mean()
                 with self._pending_lock:
                     self._pending_losses.append(step_loss)
+                    self._pending_loss_times.append(time.monotonic())
                     backlog = len(self._pending_losses)
                 if backlog >= MAX_PENDING_STEPS or len(self._pending_tokens) >= 4 * MAX_PENDING_STEPS:
                     self.flush()
@@ -450,6 +453,7 @@ class TrainingMonitor:
         with self._flush_lock:
             with self._pending_lock:
                 losses, self._pending_losses = self._pending_losses, []
+                loss_times, self._pending_loss_times = self._pending_loss_times, []
                 tokens, self._pending_tokens = self._pending_tokens, []
                 token_count, self._pending_token_count = self._pending_token_count, 0
                 samples, self._pending_samples = self._pending_samples, 0
@@ -460,8 +464,10 @@ class TrainingMonitor:
             try:
                 if losses:
                     self._export_losses(
-                        torch.stack([t.reshape(()).to(losses[0].device) for t in losses]).double().tolist()
+                        torch.stack([t.reshape(()).to(losses[0].device) for t in losses]).double().tolist(),
+                        loss_times,
                     )
+                self._export_recent_max()
                 if tokens:
                     token_count += int(torch.stack([t.reshape(()).to(tokens[0].device) for t in tokens]).sum())
                 if token_count:
@@ -489,16 +495,17 @@ class TrainingMonitor:
             except Exception as exc:
                 self.errors.record("flush", exc)
 
-    def _export_losses(self, values: list[float]) -> None:
+    def _export_losses(self, values: list[float], times: list[float]) -> None:
         alpha = self.config.ema_alpha
         hist = self.child(m.STEP_LOSS)
-        for v in values:
+        for v, t in zip(values, times, strict=True):
             if not math.isfinite(v):
                 # Histogram.observe(NaN) would poison _sum forever: count instead.
                 self.child(m.NONFINITE_LOSS).inc()
                 continue
             self._ema = v if self._ema is None else alpha * v + (1 - alpha) * self._ema
             self._window.append(v)
+            self._recent.append((t, v))
             hist.observe(v)
         # The raw gauge shows the newest value as it is, NaN included, so rules see it.
         self.child(m.LOSS).set(values[-1])
@@ -508,6 +515,17 @@ class TrainingMonitor:
             mean = sum(self._window) / len(self._window)
             var = sum((x - mean) ** 2 for x in self._window) / (len(self._window) - 1)
             self.child(m.LOSS_VARIANCE).set(var)
+
+    def _export_recent_max(self) -> None:
+        # The last-step gauge shows one step per scrape; at 1 step/s and a 15 s
+        # scrape most steps are never seen. The max over a time window keeps a
+        # one-step spike on /metrics until a scrape has seen it.
+        horizon = time.monotonic() - self.config.loss_window_seconds
+        recent = self._recent
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
+        if recent:
+            self.child(m.LOSS_RECENT_MAX).set(max(v for _, v in recent))
 
     def observe_evaluation(self, metrics: Mapping[str, Any]) -> None:
         with self.errors.guard("evaluation"):

@@ -42,7 +42,9 @@ def build_trainer(
     ``model_size`` (``n_layer``, ``n_embd``, ``n_head``) overrides the tiny default model.
     """
     tokenizer = CharTokenizer()
-    model = build_model(tokenizer, seed=seed, **dict(model_size or {}))
+    size = dict(model_size or {})
+    model = build_model(tokenizer, seed=seed, n_layer=size.get("n_layer", 2), n_embd=size.get("n_embd", 64),
+                        n_head=size.get("n_head", 4))
     injector = FaultInjector(faults)
     # Registered before the exporter's own hook, so the exporter sees the injected loss.
     injector.attach(model)

@@ -78,6 +78,10 @@ LAST_STEP_TIME = _g(
 
 LOSS = _g("training_loss", "Training loss of the last optimizer step as computed (NaN/Inf exported as is).")
 LOSS_EMA = _g("training_loss_ema", "Exponential moving average of the finite step losses.")
+LOSS_RECENT_MAX = _g(
+    "training_loss_recent_max",
+    "Largest finite step loss among the steps that ended in the last loss.window_seconds (default 60 s).",
+)
 LOSS_VARIANCE = _g("training_loss_variance", "Variance of the finite step losses over the rolling window.")
 STEP_LOSS = MetricSpec(
     name="training_step_loss",

@@ -270,3 +270,20 @@ def test_extra_labels_on_every_series_and_server_stops() -> None:
     mon.end()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_recent_max_keeps_a_one_step_spike_visible() -> None:
+    mon = TrainingMonitor(ExporterConfig(loss_window_seconds=0.5, **QUIET), run_id="spiky")
+    mon.begin()
+    for loss in (1.0, 8.0, float("nan"), 1.1, 0.9):
+        mon.step_begin()
+        mon.observe_loss(loss)
+        mon.step_end()
+    # Several steps after the spike, the last-step gauge has moved on but the window max has not.
+    assert sample(mon, "training_loss") == pytest.approx(0.9)
+    assert sample(mon, "training_loss_recent_max") == 8.0
+    time.sleep(0.6)
+    mon.step_begin()
+    mon.observe_loss(1.2)
+    mon.step_end()
+    assert sample(mon, "training_loss_recent_max") == pytest.approx(1.2)  # the spike left the window
