@@ -7,6 +7,8 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 DEMO_ARGS ?=
+# Faults injected when `make demo` runs the local alerting chain (DEMO_FAULTS= for none).
+DEMO_FAULTS ?= --inject nan@1500 --inject spike@3000
 
 .PHONY: setup demo test lint system-packages clean
 
@@ -33,8 +35,15 @@ system-packages:
 	  fi; \
 	fi
 
+# With prometheus and prometheus-alertmanager installed, the demo also runs the
+# project's alerting chain on loopback and prints each notification.
 demo: setup
-	$(VENV)/bin/training-exporter demo $(DEMO_ARGS)
+	@if command -v prometheus >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1; then \
+	  set -x; $(VENV)/bin/training-exporter demo --local-alerting $(DEMO_FAULTS) $(DEMO_ARGS); \
+	else \
+	  echo "prometheus / prometheus-alertmanager not found: plain demo, without the alerting chain" >&2; \
+	  set -x; $(VENV)/bin/training-exporter demo $(DEMO_ARGS); \
+	fi
 
 test: setup
 	$(PY) -m pytest -q
