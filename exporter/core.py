@@ -156,7 +156,7 @@ class TrainingMonitor:
         self.loss_sum_scale = 1.0
         self._ema: float | None = None
         self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
-        self._recent: collections.deque[tuple[float, float]] = collections.deque()
+        self._recent: collections.deque[tuple[float, float, float]] = collections.deque()
 
         self._groups: ParamGroups | None = None
         self._hook: Any = None
@@ -503,9 +503,12 @@ class TrainingMonitor:
                 # Histogram.observe(NaN) would poison _sum forever: count instead.
                 self.child(m.NONFINITE_LOSS).inc()
                 continue
+            # Against the EMA *before* this step: during a run's fast descent
+            # every step is below it, a spike is far above it.
+            ratio = v / self._ema if self._ema is not None and self._ema > 0 else 1.0
             self._ema = v if self._ema is None else alpha * v + (1 - alpha) * self._ema
             self._window.append(v)
-            self._recent.append((t, v))
+            self._recent.append((t, v, ratio))
             hist.observe(v)
         # The raw gauge shows the newest value as it is, NaN included, so rules see it.
         self.child(m.LOSS).set(values[-1])
@@ -525,7 +528,8 @@ class TrainingMonitor:
         while recent and recent[0][0] < horizon:
             recent.popleft()
         if recent:
-            self.child(m.LOSS_RECENT_MAX).set(max(v for _, v in recent))
+            self.child(m.LOSS_RECENT_MAX).set(max(v for _, v, _ in recent))
+            self.child(m.LOSS_SPIKE_RATIO).set(max(r for _, _, r in recent))
 
     def observe_evaluation(self, metrics: Mapping[str, Any]) -> None:
         with self.errors.guard("evaluation"):

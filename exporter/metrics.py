@@ -82,6 +82,12 @@ LOSS_RECENT_MAX = _g(
     "training_loss_recent_max",
     "Largest finite step loss among the steps that ended in the last loss.window_seconds (default 60 s).",
 )
+LOSS_SPIKE_RATIO = _g(
+    "training_loss_recent_spike_ratio",
+    "Largest ratio of a step's loss to the loss EMA before that step, among the steps of the last "
+    "loss.window_seconds.",
+    unit="ratio",
+)
 LOSS_VARIANCE = _g("training_loss_variance", "Variance of the finite step losses over the rolling window.")
 STEP_LOSS = MetricSpec(
     name="training_step_loss",

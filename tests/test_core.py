@@ -282,8 +282,22 @@ def test_recent_max_keeps_a_one_step_spike_visible() -> None:
     # Several steps after the spike, the last-step gauge has moved on but the window max has not.
     assert sample(mon, "training_loss") == pytest.approx(0.9)
     assert sample(mon, "training_loss_recent_max") == 8.0
+    assert sample(mon, "training_loss_recent_spike_ratio") == 8.0  # 8.0 against the EMA of 1.0 before it
     time.sleep(0.6)
     mon.step_begin()
     mon.observe_loss(1.2)
     mon.step_end()
     assert sample(mon, "training_loss_recent_max") == pytest.approx(1.2)  # the spike left the window
+    ema_before = 0.9 * (0.9 * (0.9 * 1.0 + 0.1 * 8.0) + 0.1 * 1.1) + 0.1 * 0.9
+    assert sample(mon, "training_loss_recent_spike_ratio") == pytest.approx(1.2 / ema_before, rel=1e-6)
+
+
+def test_spike_ratio_stays_low_through_a_fast_descent() -> None:
+    mon = TrainingMonitor(ExporterConfig(**QUIET), run_id="descent")
+    mon.begin()
+    for i in range(200):
+        mon.step_begin()
+        mon.observe_loss(0.3 + 2.5 * 0.97**i)  # 2.8 -> 0.31, most of it in the first 100 steps
+        mon.step_end()
+    assert sample(mon, "training_loss_recent_max") == pytest.approx(2.8)
+    assert sample(mon, "training_loss_recent_spike_ratio") == 1.0  # no step ever exceeded the EMA before it
