@@ -191,18 +191,13 @@ def wait_http_ok(url: str, process: Process, timeout: float) -> None:
         raise TimeoutError(f"{exc}\n{process.log_tail()}") from None
 
 
-def start_alertmanager(config: Path, workdir: Path, port: int) -> Process:
-    """``prometheus-alertmanager`` on 127.0.0.1:port (no clustering), returned once it is ready."""
-    storage = workdir / "alertmanager-data"
-    storage.mkdir(exist_ok=True)
-    proc = Process("alertmanager", [
-        ALERTMANAGER,
-        f"--config.file={config}",
-        f"--storage.path={storage}",
+def _start_server(name: str, binary: str, flags: list[str], workdir: Path, port: int) -> Process:
+    """Start one server on 127.0.0.1:port and return it once ``/-/ready`` answers (stopped if it never does)."""
+    proc = Process(name, [
+        binary,
+        *flags,
         f"--web.listen-address=127.0.0.1:{port}",
         f"--web.external-url=http://127.0.0.1:{port}",
-        "--cluster.listen-address=",
-        "--log.level=debug",
     ], workdir)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/-/ready", proc, 30)
@@ -210,25 +205,22 @@ def start_alertmanager(config: Path, workdir: Path, port: int) -> Process:
         proc.stop()
         raise
     return proc
+
+
+def start_alertmanager(config: Path, workdir: Path, port: int) -> Process:
+    """``prometheus-alertmanager`` on 127.0.0.1:port (no clustering), returned once it is ready."""
+    storage = workdir / "alertmanager-data"
+    storage.mkdir(exist_ok=True)
+    flags = [f"--config.file={config}", f"--storage.path={storage}", "--cluster.listen-address=", "--log.level=debug"]
+    return _start_server("alertmanager", ALERTMANAGER, flags, workdir, port)
 
 
 def start_prometheus(config: Path, workdir: Path, port: int) -> Process:
     """``prometheus`` on 127.0.0.1:port with its TSDB in ``workdir``, returned once it is ready."""
     storage = workdir / "prometheus-data"
     storage.mkdir(exist_ok=True)
-    proc = Process("prometheus", [
-        PROMETHEUS,
-        f"--config.file={config}",
-        f"--storage.tsdb.path={storage}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        f"--web.external-url=http://127.0.0.1:{port}",
-    ], workdir)
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/-/ready", proc, 30)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    flags = [f"--config.file={config}", f"--storage.tsdb.path={storage}"]
+    return _start_server("prometheus", PROMETHEUS, flags, workdir, port)
 
 
 # --------------------------------------------------------------------------- configuration copies
@@ -328,8 +320,31 @@ _SLACK_RECOMMENDATION = re.compile(r"^\*Recommendation:\* (.*)$", re.MULTILINE)
 _EMAIL_RECOMMENDATION = re.compile(r"^Recommendation: (.*)$", re.MULTILINE)
 
 
+class _Notification:
+    """What every received notification tells: parsed from its title (Slack) or subject (email)."""
+
+    def field(self, name: str) -> str | None:
+        raise NotImplementedError
+
+    @property
+    def status(self) -> str | None:
+        return self.field("status")
+
+    @property
+    def alertname(self) -> str | None:
+        return self.field("alertname")
+
+    @property
+    def run_id(self) -> str | None:
+        return self.field("run_id")
+
+    @property
+    def severity(self) -> str | None:
+        return self.field("severity")
+
+
 @dataclass
-class SlackPost:
+class SlackPost(_Notification):
     """One webhook call, with its arrival time (``time.time()``)."""
 
     received_at: float
@@ -352,22 +367,6 @@ class SlackPost:
     def field(self, name: str) -> str | None:
         match = _SLACK_TITLE.match(self.title)
         return match[name] if match else None
-
-    @property
-    def status(self) -> str | None:
-        return self.field("status")
-
-    @property
-    def alertname(self) -> str | None:
-        return self.field("alertname")
-
-    @property
-    def run_id(self) -> str | None:
-        return self.field("run_id")
-
-    @property
-    def severity(self) -> str | None:
-        return self.field("severity")
 
     @property
     def recommendation(self) -> str:
@@ -440,7 +439,7 @@ class FakeSlack:
 
 
 @dataclass
-class Mail:
+class Mail(_Notification):
     """One message the SMTP stand-in accepted, with its arrival time (``time.time()``) and AUTH login."""
 
     received_at: float
@@ -460,22 +459,6 @@ class Mail:
     def field(self, name: str) -> str | None:
         match = _EMAIL_SUBJECT.match(self.subject)
         return match[name] if match else None
-
-    @property
-    def status(self) -> str | None:
-        return self.field("status")
-
-    @property
-    def alertname(self) -> str | None:
-        return self.field("alertname")
-
-    @property
-    def run_id(self) -> str | None:
-        return self.field("run_id")
-
-    @property
-    def severity(self) -> str | None:
-        return self.field("severity")
 
     @property
     def recommendation(self) -> str:
