@@ -102,7 +102,8 @@ class GpuCollector(Collector):
                 self._nvml.nvmlInit()
             except Exception as exc:
                 self._next_attempt = now + self._retry_seconds
-                self._errors.record(COLLECTOR, exc)
+                # No driver / no GPU is an expected state, not a bug: one line, no traceback.
+                self._errors.record(COLLECTOR, exc, traceback=False)
                 return None
             self._initialised = True
             return self._nvml
