@@ -62,9 +62,11 @@ log = logging.getLogger("training_exporter")
 # pending without a scrape, so memory stays bounded when nobody is scraping.
 MAX_PENDING_STEPS = 512
 MAX_EVAL_NAMES = 50
-# Positions per sampled batch for entropy / confidence: bounds the float32
-# softmax to PREDICTION_POSITIONS x vocab (about 77 MB for a 150k vocabulary).
-PREDICTION_POSITIONS = 128
+# Entropy / confidence of a sampled batch look at no more positions than fit
+# PREDICTION_BUDGET logits (64 MB per float32 copy: 111 positions of a 150k
+# vocabulary) and at most PREDICTION_MAX_POSITIONS.
+PREDICTION_BUDGET = 2**24
+PREDICTION_MAX_POSITIONS = 1024
 
 
 class PortInUseError(OSError):
@@ -335,7 +337,7 @@ class TrainingMonitor:
             self._pending_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else float(norm)
 
     def _observe_logits(self, logits: torch.Tensor, labels: Any, mask: Any) -> None:
-        """Entropy and top-1 / top-5 confidence over up to PREDICTION_POSITIONS labelled positions.
+        """Entropy and top-1 / top-5 confidence over a bounded number of labelled positions.
 
         Fixed-size on purpose: a boolean-mask selection would need a device->host
         sync to learn its size, and a softmax over every position of a large
@@ -355,11 +357,12 @@ class TrainingMonitor:
             else:
                 keep = torch.ones(logits.shape[:-1], device=logits.device)
             keep = keep.reshape(-1)
-            if keep.numel() <= PREDICTION_POSITIONS:
+            positions = max(1, min(PREDICTION_MAX_POSITIONS, PREDICTION_BUDGET // vocab))
+            if keep.numel() <= positions:
                 weight, rows = keep, flat
             else:
                 score = torch.rand(keep.shape, device=keep.device).mul_(0.5).add_(keep)
-                top_score, idx = score.topk(PREDICTION_POSITIONS)
+                top_score, idx = score.topk(positions)
                 weight, rows = (top_score >= 1.0).float(), flat.index_select(0, idx)
             logp = torch.log_softmax(rows.float(), dim=-1)
             p = logp.exp()

@@ -301,3 +301,21 @@ def test_spike_ratio_stays_low_through_a_fast_descent() -> None:
         mon.step_end()
     assert sample(mon, "training_loss_recent_max") == pytest.approx(2.8)
     assert sample(mon, "training_loss_recent_spike_ratio") == 1.0  # no step ever exceeded the EMA before it
+
+
+def test_prediction_statistics_draw_only_labelled_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.core as core
+
+    monkeypatch.setattr(core, "PREDICTION_MAX_POSITIONS", 8)  # fewer than the 18 labelled positions
+    mon = TrainingMonitor(ExporterConfig(**QUIET), run_id="draw")
+    labelled = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    logits = torch.full((3, 8, 5), 7.0)  # unlabelled positions: a very different distribution
+    labels = torch.full((3, 8), -100)
+    labels[:, 2:] = 1  # positions 1..6 of each row predict a label
+    logits[:, 1:7] = labelled
+    mon._observe_logits(logits, labels, None)
+    mon.flush()
+    p = labelled.double().softmax(-1)
+    assert sample(mon, "training_token_entropy_nats") == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    assert sample(mon, "training_top1_confidence_ratio") == pytest.approx(float(p.max()), rel=1e-5)
+    assert sample(mon, "training_top5_confidence_ratio") == pytest.approx(1.0, rel=1e-5)
