@@ -59,15 +59,17 @@ class PrometheusCallback(TrainerCallback):
         self._active = True
 
     # Every hook is guarded: the training loop never sees an exception from here.
-    def _call(self, what: str, fn: Any, *a: Any) -> None:
-        if self.monitor is None or not self._active:
+    def _call(self, what: str, method: str, *a: Any, **kw: Any) -> None:
+        """Run ``monitor.<method>`` if this process exports; count and log any failure under ``what``."""
+        mon = self.monitor
+        if mon is None or not self._active:
             return
         try:
-            fn(*a)
+            getattr(mon, method)(*a, **kw)
         except PortInUseError:
             raise
         except Exception as exc:
-            self.monitor.errors.record(what, exc)
+            mon.errors.record(what, exc)
 
     def setup(self, args: TrainingArguments, state: TrainerState, model: Any = None) -> None:
         """Create the monitor once (lazy and idempotent, like the transformers integrations)."""
@@ -95,39 +97,30 @@ class PrometheusCallback(TrainerCallback):
         mon = self.monitor
         if mon is None or not self._active:
             return
-        try:
-            mon.start()
-        except PortInUseError:
-            raise
-        except Exception as exc:
-            mon.errors.record("http_server", exc)
+        self._call("http_server", "start")
         if args.average_tokens_across_devices and args.world_size > 1:
             # With num_items_in_batch the model divides by the global token count.
             mon.loss_sum_scale = float(args.world_size)
         if model is not None:
-            self._call("hook", _set_model_info, mon, model)
-            self._call("hook", mon.watch, model)
-        self._call("step", mon.begin, state.max_steps, state.global_step)
+            self._call("hook", "describe_model", model)
+            self._call("hook", "watch", model)
+        self._call("step", "begin", state.max_steps, state.global_step)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.monitor is not None:
-            self._call("step", self.monitor.step_begin)
+        self._call("step", "step_begin")
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kw: Any
     ) -> None:
-        if self.monitor is not None:
-            self._call("gradients", self.monitor.before_optimizer_step, optimizer)
+        self._call("gradients", "before_optimizer_step", optimizer)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        if self.monitor is not None:
-            self._call("update_ratio", self.monitor.after_optimizer_step)
+        self._call("update_ratio", "after_optimizer_step")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.monitor is not None:
-            self._call("step", self.monitor.step_end, state.global_step, state.epoch)
+        self._call("step", "step_end", state.global_step, state.epoch)
 
     def on_log(
         self,
@@ -137,12 +130,9 @@ class PrometheusCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        mon = self.monitor
-        if mon is None or not self._active:
-            return
         if logs and isinstance(logs.get("grad_norm"), (int, float)):
-            self._call("step", mon.observe_grad_norm, logs["grad_norm"])
-        self._call("flush", mon.flush)
+            self._call("step", "observe_grad_norm", logs["grad_norm"])
+        self._call("flush", "flush")
 
     def on_evaluate(
         self,
@@ -152,21 +142,9 @@ class PrometheusCallback(TrainerCallback):
         metrics: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        if self.monitor is not None and metrics:
-            self._call("evaluation", self.monitor.observe_evaluation, metrics)
+        if metrics:
+            self._call("evaluation", "observe_evaluation", metrics)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.monitor is not None:
-            self._call("step", self.monitor.end, "completed")
+        self._call("step", "end", "completed")
 
-
-def _set_model_info(mon: TrainingMonitor, model: Any) -> None:
-    config = getattr(model, "config", None)
-    name = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
-    model_type = str(getattr(config, "model_type", "") or "")
-    adapter = "none"
-    peft_config = getattr(model, "peft_config", None)
-    if isinstance(peft_config, dict) and peft_config:
-        first = next(iter(peft_config.values()))
-        adapter = str(getattr(getattr(first, "peft_type", None), "value", "") or "peft").lower()
-    mon.set_info(model=name[-128:], model_type=model_type, adapter=adapter)

@@ -174,7 +174,6 @@ class TrainingMonitor:
         self._state = "idle"
         self._set_state("idle")
         self._httpd: Any = None
-        self._http_thread: threading.Thread | None = None
         self._gpu: Any = None
         self._host: Any = None
         self._ended = False
@@ -238,7 +237,7 @@ class TrainingMonitor:
         if self.config.ranks == "all" and port != 0:
             port += self.local_rank
         try:
-            self._httpd, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+            self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
             message = f"training-exporter: cannot listen on {host}:{port}: {exc.strerror or exc}"
             if self.config.port_in_use == "fail":
@@ -263,6 +262,18 @@ class TrainingMonitor:
         except md.PackageNotFoundError:
             tf_version = ""
         self.child(m.INFO, model, model_type, adapter, __version__, torch.__version__, tf_version).set(1)
+
+    def describe_model(self, model: torch.nn.Module) -> None:
+        """Fill training_info from a model's (transformers-style) config and peft adapter, where present."""
+        config = getattr(model, "config", None)
+        name = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+        model_type = str(getattr(config, "model_type", "") or "")
+        adapter = "none"
+        peft_config = getattr(model, "peft_config", None)
+        if isinstance(peft_config, dict) and peft_config:
+            first = next(iter(peft_config.values()))
+            adapter = str(getattr(getattr(first, "peft_type", None), "value", "") or "peft").lower()
+        self.set_info(model=name[-128:], model_type=model_type, adapter=adapter)
 
     def watch(self, model: torch.nn.Module) -> None:
         """Hook the model's forward to see loss, token counts and logits of every micro-batch."""

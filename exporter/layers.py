@@ -43,12 +43,6 @@ def layer_and_module(name: str) -> tuple[str, str]:
     return "final", clean.rsplit(".", 1)[-1] or clean
 
 
-def layer_sort_key(layer: str) -> tuple[int, int]:
-    if layer == "final":
-        return (1, 0)
-    return (0, int(layer))
-
-
 class ParamGroups:
     """Trainable parameters grouped by (layer, module), ready for fused norm computation."""
 
@@ -93,13 +87,8 @@ class ParamGroups:
             if not flat:
                 sq = torch.zeros(n_lists * n_groups, dtype=torch.float32, device=dev)
             else:
-                if len(flat) == n_lists * len(pos):
-                    index = self._cached_index(dev, n_lists, pos)
-                else:  # some gradients are missing: build this step's index
-                    ids = [j * n_groups + self._gid_host[i] for j, tensors in enumerate(tensor_lists)
-                           for i in pos if tensors[i] is not None]
-                    index = torch.tensor(ids, dtype=torch.long, device=dev)
                 norms = torch.stack(torch._foreach_norm(flat)).float()
+                index = self._group_index(dev, pos, tensor_lists, complete=len(flat) == n_lists * len(pos))
                 # One op for "sum of squares per group" (zeros + index_add_ would be two).
                 sq = torch.bincount(index, weights=norms * norms, minlength=n_lists * n_groups).float()
             out = sq if out is None else out + sq.to(out.device, non_blocking=True)
@@ -108,11 +97,21 @@ class ParamGroups:
         result = out.sqrt().view(n_lists, n_groups)
         return result[0] if n_lists == 1 else result
 
-    def _cached_index(self, dev: torch.device, n_lists: int, pos: list[int]) -> torch.Tensor:
-        key = (dev, n_lists)
-        index = self._index_cache.get(key)
-        if index is None:
-            n_groups = len(self.labels)
-            ids = [j * n_groups + self._gid_host[i] for j in range(n_lists) for i in pos]
-            index = self._index_cache[key] = torch.tensor(ids, dtype=torch.long, device=dev)
+    def _group_index(
+        self, dev: torch.device, pos: list[int], tensor_lists: Sequence[Sequence[torch.Tensor | None]], complete: bool
+    ) -> torch.Tensor:
+        """Output slot (list j, group g -> j * groups + g) of every present tensor, in ``flat`` order.
+
+        Cached per device and number of lists when every tensor is present, the
+        usual case; rebuilt on a step where some gradients are missing.
+        """
+        key = (dev, len(tensor_lists))
+        if complete and key in self._index_cache:
+            return self._index_cache[key]
+        n_groups = len(self.labels)
+        ids = [j * n_groups + self._gid_host[i] for j, tensors in enumerate(tensor_lists)
+               for i in pos if tensors[i] is not None]
+        index = torch.tensor(ids, dtype=torch.long, device=dev)
+        if complete:
+            self._index_cache[key] = index
         return index
