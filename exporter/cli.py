@@ -7,6 +7,7 @@ exit code 2, before anything starts.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import shutil
@@ -25,6 +26,13 @@ from exporter import __version__
 from exporter.config import OPTIONS, ConfigError, ExporterConfig, add_arguments, resolve
 
 EXIT_BAD_INPUT = 2
+# Subcommands that live in their own module. Each module has
+# ``add_parser(sub, name) -> argparse.ArgumentParser`` (adds the subcommand to
+# ``sub``, a parser created with ``sub.add_parser(name, ...)``) and
+# ``run(args) -> int``; it is imported when the parser is built, so keep
+# heavy imports (torch, transformers) inside ``run``.
+SUBCOMMANDS: dict[str, str] = {
+}
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 # With --local-alerting and no --linger: long enough for a NaN alert raised on
@@ -97,6 +105,8 @@ def build_parser() -> OneLineParser:
              "prometheus-alertmanager binaries on PATH and a checkout of the repository. Without --linger, "
              f"lingers {LOCAL_ALERTING_LINGER_S:.0f} s so that alerts resolve.")
     add_arguments(demo, ExporterConfig())
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub, name)
     return parser
 
 
@@ -249,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         return run_demo(args, _exporter_config(args))
+    if args.command in SUBCOMMANDS:
+        return int(importlib.import_module(SUBCOMMANDS[args.command]).run(args))
     parser.error(f"unknown command {args.command!r}")
 
 

@@ -161,12 +161,71 @@ EVAL_EXACT_MATCH = _g(
     labels=("regime", "source"),
     source="eval",
 )
+EVAL_NORMALIZED_MATCH = _g(
+    "training_eval_normalized_match_ratio",
+    "Normalized-match rate (case, whitespace and punctuation folded) of the last fixed evaluation.",
+    unit="ratio",
+    labels=("regime", "source"),
+    source="eval",
+)
+EVAL_ANSWER_CROSS_ENTROPY = _g(
+    "training_eval_answer_cross_entropy_nats",
+    "Mean cross-entropy per golden answer token of the last fixed evaluation (teacher-forced).",
+    unit="nats",
+    labels=("regime", "source"),
+    source="eval",
+)
 EVAL_CALIBRATION_ERROR = _g(
     "training_eval_calibration_error_ratio",
     "Expected calibration error (15 equal-width bins) of the last fixed evaluation.",
     unit="ratio",
     source="eval",
 )
+EVAL_TOP1_CONFIDENCE = _g(
+    "training_eval_top1_confidence_ratio",
+    "Mean top-1 probability over golden answer tokens of the last fixed evaluation.",
+    unit="ratio",
+    source="eval",
+)
+EVAL_TOP5_CONFIDENCE = _g(
+    "training_eval_top5_confidence_ratio",
+    "Mean top-5 probability mass over golden answer tokens of the last fixed evaluation.",
+    unit="ratio",
+    source="eval",
+)
+EVAL_TOKEN_ENTROPY = _g(
+    "training_eval_token_entropy_nats",
+    "Mean next-token entropy over golden answer tokens of the last fixed evaluation.",
+    unit="nats",
+    source="eval",
+)
+EVAL_OUTCOMES = _c(
+    "training_eval_outcomes_total",
+    "Fixed-evaluation answers by outcome (correct, empty, wrong_format, wrong_content, truncated).",
+    labels=("regime", "source", "domain", "outcome"),
+    source="eval",
+)
+EVAL_PATTERN_ACCURACY = _g(
+    "training_eval_pattern_accuracy_ratio",
+    "Exact-match rate of the last fixed evaluation by pattern and golden-answer length bucket.",
+    unit="ratio",
+    labels=("pattern", "length_bucket"),
+    source="eval",
+)
+EVAL_ROLLING_EXACT_MATCH = _g(
+    "training_eval_rolling_exact_match_ratio",
+    "Exact-match rate over the last N previews (window 20, 50 or 100).",
+    unit="ratio",
+    labels=("window",),
+    source="eval",
+)
+EVAL_BEST_LOSS = _g("training_eval_best_loss", "Lowest finite evaluation loss so far.", source="eval")
+EVAL_BEST_STEP = _g("training_eval_best_step", "Optimizer step of the lowest evaluation loss so far.", source="eval")
+EVAL_LAST_STEP = _g("training_eval_last_step", "Optimizer step of the last fixed evaluation.", source="eval")
+EVAL_DURATION = _g(
+    "training_eval_duration_seconds", "Wall time of the last fixed evaluation.", unit="seconds", source="eval"
+)
+EVAL_EXAMPLES = _g("training_eval_examples", "Examples scored by the last fixed evaluation.", source="eval")
 DATASET_DRIFT = _g(
     "training_dataset_drift_js_divergence",
     "Jensen-Shannon divergence (base 2, 0..1) of the recent batches' profile from the reference data, by feature.",
