@@ -87,7 +87,9 @@ class ParamGroups:
             if not flat:
                 sq = torch.zeros(n_lists * n_groups, dtype=torch.float32, device=dev)
             else:
-                norms = torch.stack(torch._foreach_norm(flat)).float()
+                norms = torch.stack(torch._foreach_norm(flat))
+                if norms.dtype != torch.float32:
+                    norms = norms.float()
                 index = self._group_index(dev, pos, tensor_lists, complete=len(flat) == n_lists * len(pos))
                 # One op for "sum of squares per group" (zeros + index_add_ would be two).
                 sq = torch.bincount(index, weights=norms * norms, minlength=n_lists * n_groups).float()

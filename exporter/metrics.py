@@ -114,7 +114,7 @@ NONFINITE_GRADIENTS = _c(
 )
 UPDATE_RATIO = _g(
     "training_layer_update_ratio",
-    "||W_after - W_before|| / ||W_before|| of one optimizer step for one trainable module, sampled.",
+    "||W_after - W_before|| / ||W_after|| of one optimizer step for one trainable module, sampled.",
     unit="ratio",
     labels=("layer", "module"),
 )

@@ -142,7 +142,8 @@ def test_hooked_model_loop_grads_updates_tokens_predictions() -> None:
     assert sample(mon, "training_grad_norm") == pytest.approx(total, rel=1e-5)
     assert sample(mon, "training_dead_layers") == 0.0
     deltas = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-    ratio = group_norm(deltas, "0", "attn.c_attn") / group_norm(before, "0", "attn.c_attn")
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    ratio = group_norm(deltas, "0", "attn.c_attn") / group_norm(after, "0", "attn.c_attn")
     assert sample(mon, "training_layer_update_ratio", layer="0", module="attn.c_attn") == pytest.approx(ratio, rel=1e-4)
 
     # Entropy / confidence over the 18 labelled next-token positions.
