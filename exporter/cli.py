@@ -33,6 +33,7 @@ EXIT_BAD_INPUT = 2
 # heavy imports (torch, transformers) inside ``run``.
 SUBCOMMANDS: dict[str, str] = {
     "previews": "exporter.previews_cli",
+    "analytics": "analytics_jobs.cli",
 }
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
