@@ -128,8 +128,8 @@ class StepTimer(TrainerCallback):
 class CpuMeter:
     """CPU time spent inside the exporter's own code, on whichever thread runs it.
 
-    Wraps the callback's per-step events, the model forward hook and the
-    registry's collect (run by the HTTP server thread on every scrape). Start-up
+    Wraps the callback's per-step events, the model forward hooks (the core's
+    and the dataset-drift profiler's) and the registry's collect (run by the HTTP server thread on every scrape). Start-up
     and shutdown (on_train_begin / on_train_end) are one-off costs and left out.
     """
 
@@ -156,8 +156,11 @@ class CpuMeter:
             setattr(callback, name, self.wrap(getattr(callback, name)))
         monitor = callback.monitor
         assert monitor is not None
-        # watch() registers whatever _forward_hook is at on_train_begin.
+        # watch() registers whatever _forward_hook is at on_train_begin (the
+        # dataset-drift profiler has a forward hook of its own).
         monitor._forward_hook = self.wrap(monitor._forward_hook)  # type: ignore[method-assign]
+        if monitor.drift is not None:
+            monitor.drift._forward_hook = self.wrap(monitor.drift._forward_hook)  # type: ignore[method-assign]
         monitor.registry.collect = self.wrap(monitor.registry.collect)  # type: ignore[method-assign]
 
 

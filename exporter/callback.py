@@ -18,18 +18,27 @@ from the world-process-zero only; ``ranks="all"`` exports from every rank on
 ``port + LOCAL_RANK`` with a ``rank`` label. Gradients are all-reduced before the
 optimizer step under DDP, so per-layer gradient and update statistics are
 exported by rank 0 only in both modes.
+
+Fixed evaluation: ``PrometheusCallback(eval_set=[...], tokenizer=tok)`` (the
+tokenizer defaults to the Trainer's ``processing_class``) generates answers
+for the eval set every ``eval.interval_steps`` steps and at each Trainer
+evaluation, on the world-process-zero only; see :mod:`exporter.eval_runner`.
+It is skipped under FSDP and DeepSpeed, where a forward pass on one rank
+alone would wait forever for the others' shards.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from exporter.config import ExporterConfig
 from exporter.core import PortInUseError, TrainingMonitor
+from exporter.eval_runner import Contract, EvalExample, load_eval_set
 
 log = logging.getLogger("training_exporter")
 
@@ -49,7 +58,16 @@ class PrometheusCallback(TrainerCallback):
     they are validated here, before training starts.
     """
 
-    def __init__(self, config: ExporterConfig | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        config: ExporterConfig | None = None,
+        *,
+        eval_set: Iterable[EvalExample | Mapping[str, Any]] | None = None,
+        tokenizer: Any = None,
+        eval_contract: Contract | None = None,
+        drift_reference: Iterable[Any] | None = None,
+        **settings: Any,
+    ) -> None:
         if config is not None and settings:
             config = config.replace(**settings)
         elif settings:
@@ -57,6 +75,24 @@ class PrometheusCallback(TrainerCallback):
         self.config = config or ExporterConfig()
         self.monitor: TrainingMonitor | None = None
         self._active = True
+        self._eval_set: list[EvalExample] | None = None
+        self._tokenizer = tokenizer
+        self._eval_contract = eval_contract
+        self._drift_reference = drift_reference
+        if eval_set is not None:
+            self.set_evaluation(eval_set, tokenizer, contract=eval_contract)
+
+    def set_evaluation(
+        self,
+        eval_set: Iterable[EvalExample | Mapping[str, Any]],
+        tokenizer: Any = None,
+        *,
+        contract: Contract | None = None,
+    ) -> None:
+        """Give the fixed eval set (before training starts); raises ValueError for a malformed one."""
+        self._eval_set = load_eval_set(eval_set)
+        self._tokenizer = tokenizer if tokenizer is not None else self._tokenizer
+        self._eval_contract = contract if contract is not None else self._eval_contract
 
     # Every hook is guarded: the training loop never sees an exception from here.
     def _call(self, what: str, method: str, *a: Any, **kw: Any) -> None:
@@ -104,6 +140,14 @@ class PrometheusCallback(TrainerCallback):
         if model is not None:
             self._call("hook", "describe_model", model)
             self._call("hook", "watch", model)
+            if self._drift_reference is not None:
+                self._call("drift", "set_drift_reference", self._drift_reference)
+        if self._eval_set is not None and state.is_world_process_zero and mon.evaluator is None:
+            if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+                log.warning("training-exporter: fixed evaluation skipped: not supported under FSDP / DeepSpeed")
+            else:
+                tokenizer = self._tokenizer if self._tokenizer is not None else kw.get("processing_class")
+                self._call("eval", "set_evaluation", self._eval_set, tokenizer, contract=self._eval_contract)
         self._call("step", "begin", state.max_steps, state.global_step)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
@@ -119,8 +163,12 @@ class PrometheusCallback(TrainerCallback):
     ) -> None:
         self._call("update_ratio", "after_optimizer_step")
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kw: Any
+    ) -> None:
         self._call("step", "step_end", state.global_step, state.epoch)
+        if model is not None:
+            self._call("eval", "maybe_evaluate", model, state.global_step)
 
     def on_log(
         self,
@@ -140,10 +188,16 @@ class PrometheusCallback(TrainerCallback):
         state: TrainerState,
         control: TrainerControl,
         metrics: dict[str, Any] | None = None,
+        model: Any = None,
         **kw: Any,
     ) -> None:
         if metrics:
-            self._call("evaluation", "observe_evaluation", metrics)
+            self._call("evaluation", "observe_evaluation", metrics, state.global_step)
+        if model is not None:
+            self._call("eval", "maybe_evaluate", model, state.global_step, force=True)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._call("step", "observe_checkpoint", state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._call("step", "end", "completed")

@@ -64,6 +64,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _fault(text: str) -> str:
     from exporter.demo_task import parse_fault
 
@@ -95,6 +105,12 @@ def build_parser() -> OneLineParser:
                       help="Optimizer steps to train (5000: about a minute on one CPU core).")
     demo.add_argument("--output-dir", default="demo-output", help="Checkpoints go to DIR/checkpoint-N.")
     demo.add_argument("--save-steps", type=_positive_int, default=500, help="Save a checkpoint every N steps.")
+    demo.add_argument("--eval-steps", type=_positive_int, default=None,
+                      help="Evaluate every N steps; None: a fifth of --max-steps.")
+    demo.add_argument("--train-examples", type=_positive_int, default=20_000,
+                      help="Training examples; a hundred or so are memorised and the eval loss rises (overfitting).")
+    demo.add_argument("--learning-rate", type=_learning_rate, default=2e-3,
+                      help="Peak learning rate of the cosine schedule; 1e-7 leaves the loss flat (a plateau).")
     demo.add_argument("--logging-steps", type=_positive_int, default=50, help="Trainer logging interval.")
     demo.add_argument("--inject", action="append", type=_fault, default=[], metavar="KIND@STEP",
                       help="Fault injection for alert demos: nan@STEP or spike@STEP (repeatable).")
@@ -142,6 +158,9 @@ def _train(args: argparse.Namespace, config: ExporterConfig) -> int:
             logging_steps=args.logging_steps,
             faults=args.inject,
             seed=args.seed,
+            eval_steps=args.eval_steps,
+            train_examples=args.train_examples,
+            learning_rate=args.learning_rate,
         )
     except PortInUseError as exc:
         fail(str(exc).removeprefix("training-exporter: "))

@@ -33,7 +33,10 @@ import yaml
 DEFAULT_PORT = 9945
 ENV_PREFIX = "TRAINING_EXPORTER_"
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-RESERVED_LABELS = {"run_id", "rank", "layer", "module", "state", "collector", "gpu", "UUID", "name", "le"}
+RESERVED_LABELS = {
+    "run_id", "rank", "layer", "module", "state", "collector", "gpu", "UUID", "name", "le",
+    "regime", "source", "domain", "outcome", "pattern", "length_bucket", "window", "feature",
+}
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,21 @@ class ExporterConfig:
     linger_seconds: float = 0.0
     ranks: str = "zero"
     port_in_use: str = "continue"
+    evaluation: bool = True
+    previews: bool = True
+    drift: bool = True
+    eval_interval: int = 250
+    eval_budget: int = 64
+    eval_max_new_tokens: int = 0
+    eval_batch_size: int = 32
+    eval_failure_pool: int = 32
+    history_dir: str = ""
+    history_compress_days: int = 7
+    history_delete_days: int = 30
+    drift_window: int = 100
+    drift_reference_batches: int = 100
+    drift_top_k: int = 100
+    drift_max_length: int = 0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -120,6 +138,18 @@ def _check_bool(v: Any) -> str | None:
 def _positive_int(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         return f"must be an integer >= 1, got {v!r}"
+    return None
+
+
+def _non_negative_int(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        return f"must be an integer >= 0, got {v!r}"
+    return None
+
+
+def _check_dir(v: Any) -> str | None:
+    if not isinstance(v, str) or "\n" in v or "\0" in v:
+        return "must be a single-line path (empty: the default)"
     return None
 
 
@@ -221,6 +251,48 @@ OPTIONS: tuple[Option, ...] = (
     Option("loss_window_seconds", "loss.window_seconds", "loss.window-seconds",
            "Seconds of steps training_loss_recent_max is taken over; longer than the scrape interval, so a "
            "one-step spike is scraped.", _check_window, "float"),
+    Option("evaluation", "collectors.eval", "collector.eval",
+           "Fixed evaluation (generation on the eval set given to the callback) every eval.interval_steps "
+           "steps and at each Trainer evaluation.", _check_bool, "bool"),
+    Option("previews", "collectors.previews", "collector.previews",
+           "Append every fixed-evaluation answer to the preview history (JSONL, see history.dir).",
+           _check_bool, "bool"),
+    Option("drift", "collectors.drift", "collector.drift",
+           "Dataset drift: JS divergence of recent training batches from the reference batches.",
+           _check_bool, "bool"),
+    Option("eval_interval", "eval.interval_steps", "eval.interval-steps",
+           "Run the fixed evaluation every N optimizer steps (0: only at Trainer evaluations).",
+           _non_negative_int, "int"),
+    Option("eval_budget", "eval.budget", "eval.budget",
+           "Examples asked per fixed evaluation: the fixed ones first, then earlier failures and training "
+           "examples in rotation.", _positive_int, "int"),
+    Option("eval_max_new_tokens", "eval.max_new_tokens", "eval.max-new-tokens",
+           "Bound on generated tokens per answer (0: twice the longest golden answer asked).",
+           _non_negative_int, "int"),
+    Option("eval_batch_size", "eval.batch_size", "eval.batch-size",
+           "Prompts generated (and scored) together in one batch; memory grows with it (KV cache, logits).",
+           _positive_int, "int"),
+    Option("eval_failure_pool", "eval.failure_pool", "eval.failure-pool",
+           "Training examples answered wrong that are asked again (source failures) until right; 0 disables.",
+           _non_negative_int, "int"),
+    Option("history_dir", "history.dir", "history.dir",
+           "Directory of the preview history (empty: OUTPUT_DIR/logs/preview).", _check_dir),
+    Option("history_compress_days", "history.compress_after_days", "history.compress-after-days",
+           "Gzip preview history day files older than this many days.", _positive_int, "int"),
+    Option("history_delete_days", "history.delete_after_days", "history.delete-after-days",
+           "Delete preview history day files older than this many days.", _positive_int, "int"),
+    Option("drift_window", "drift.window_batches", "drift.window-batches",
+           "Recent training batches (forward passes) the current data profile is taken over.",
+           _positive_int, "int"),
+    Option("drift_reference_batches", "drift.reference_batches", "drift.reference-batches",
+           "First training batches that make the reference profile (unless the callback is given one).",
+           _positive_int, "int"),
+    Option("drift_top_k", "drift.top_k", "drift.top-k",
+           "Most frequent reference tokens compared one by one; the rest share an 'other' bucket.",
+           _positive_int, "int"),
+    Option("drift_max_length", "drift.max_length", "drift.max-length",
+           "Length at which a sequence counts as truncated (0: when its last token is not end-of-sequence).",
+           _non_negative_int, "int"),
 )
 _BY_YAML = {o.yaml: o for o in OPTIONS}
 

@@ -14,7 +14,8 @@ Plain loop usage::
 
     monitor = TrainingMonitor(ExporterConfig(listen_address=":9945"), run_id="my-run")
     monitor.start()
-    monitor.watch(model)                # forward hook: loss, tokens, logits
+    monitor.watch(model)                # forward hook: loss, tokens, logits (and drift)
+    monitor.set_evaluation(eval_set, tokenizer)  # optional: fixed evaluation (exporter.eval_runner)
     monitor.begin(max_steps=1000)
     for batch in loader:
         monitor.step_begin()
@@ -26,6 +27,7 @@ Plain loop usage::
         monitor.after_optimizer_step()
         optimizer.zero_grad()
         monitor.step_end()
+        monitor.maybe_evaluate(model)   # every eval.interval_steps steps
     monitor.end()
 """
 
@@ -53,7 +55,9 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter import metrics as m
 from exporter.config import ExporterConfig
+from exporter.drift import DriftProfiler
 from exporter.errors import ErrorTracker
+from exporter.eval_runner import Contract, EvalExport, FixedEvaluator
 from exporter.layers import ParamGroups
 
 log = logging.getLogger("training_exporter")
@@ -140,6 +144,17 @@ class TrainingMonitor:
         # Counters exist at 0 from the start so increase() sees their first step.
         for spec in (m.NONFINITE_LOSS, m.NONFINITE_GRADIENTS, m.TOKENS, m.SAMPLES, m.EVALUATIONS):
             self.child(spec)
+        # Fixed evaluation (see set_evaluation) and dataset drift, both exported at scrape time.
+        self.eval_export = EvalExport(const)
+        self.evaluator: FixedEvaluator | None = None
+        self.drift: DriftProfiler | None = None
+        if self.config.drift:
+            cfg = self.config
+            self.drift = DriftProfiler(
+                const, self.errors, window=cfg.drift_window, reference_batches=cfg.drift_reference_batches,
+                top_k=cfg.drift_top_k, max_length=cfg.drift_max_length,
+            )
+            self.errors.touch("drift")
 
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -207,6 +222,9 @@ class TrainingMonitor:
             parts.append(("gpu", lambda: self._gpu.collect() if self._gpu is not None else ()))
         if self.config.host:
             parts.append(("host", lambda: self._host.collect() if self._host is not None else ()))
+        parts.append(("eval", lambda: self.eval_export.collect()))
+        if self.config.drift:
+            parts.append(("drift", lambda: self.drift.collect() if self.drift is not None else ()))
         return parts
 
     def start_collectors(self) -> None:
@@ -283,11 +301,16 @@ class TrainingMonitor:
             self._groups = ParamGroups.from_named(model.named_parameters())
             self.child(m.TRAINABLE_GROUPS).set(len(self._groups))
             self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+        if self.drift is not None:
+            with self.errors.guard("drift"):
+                self.drift.attach(model)
 
     def unwatch(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self.drift is not None:
+            self.drift.detach()
 
     def begin(self, max_steps: int | None = None, start_step: int = 0) -> None:
         with self.errors.guard("step"):
@@ -361,13 +384,11 @@ class TrainingMonitor:
             flat = logits.reshape(-1, vocab)
             if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
                 # Causal LM: the logits at position t predict the label at t+1.
-                keep = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-                keep[..., :-1] = labels[..., 1:] != -100
+                keep = torch.nn.functional.pad(labels[..., 1:] != -100, (0, 1)).reshape(-1).float()
             elif isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
-                keep = (mask != 0).float()
+                keep = (mask != 0).reshape(-1).float()
             else:
-                keep = torch.ones(logits.shape[:-1], device=logits.device)
-            keep = keep.reshape(-1)
+                keep = torch.ones(flat.shape[0], device=logits.device)
             positions = max(1, min(PREDICTION_MAX_POSITIONS, PREDICTION_BUDGET // vocab))
             if keep.numel() <= positions:
                 weight, rows = keep, flat
@@ -434,8 +455,9 @@ class TrainingMonitor:
             with torch.no_grad():
                 # In place: the snapshot becomes W_before - W_after (the sign does not
                 # matter for a norm), and the ratio is taken to the updated weights.
-                torch._foreach_sub_(snap, groups.params)
-                delta_norm, weight_norm = groups.grouped_norms(snap, groups.params)
+                current: list[torch.Tensor] = list(groups.params)
+                torch._foreach_sub_(snap, current)
+                delta_norm, weight_norm = groups.grouped_norms(snap, current)
                 ratio = delta_norm / weight_norm.clamp_min(1e-30)
             with self._pending_lock:
                 self._pending_updates = ratio
@@ -553,9 +575,13 @@ class TrainingMonitor:
             self.child(m.LOSS_RECENT_MAX).set(max(v for _, v, _ in recent))
             self.child(m.LOSS_SPIKE_RATIO).set(max(r for _, _, r in recent))
 
-    def observe_evaluation(self, metrics: Mapping[str, Any]) -> None:
+    def observe_evaluation(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Export an evaluation's numbers, run at ``step`` (default: the last optimizer step)."""
         with self.errors.guard("evaluation"):
             self.child(m.EVALUATIONS).inc()
+            # Set before the loss: a scrape landing in between pairs the new step
+            # with the previous loss, which the next scrape corrects, never the reverse.
+            self.child(m.EVAL_STEP).set(self._step if step is None else step)
             names = 0
             for key, value in metrics.items():
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -564,12 +590,67 @@ class TrainingMonitor:
                     continue
                 if key in ("eval_loss", "loss"):
                     self.child(m.EVAL_LOSS).set(value)
+                    self.eval_export.observe_loss(float(value), self._step if step is None else step)
                     continue
                 if key == "epoch" or names >= MAX_EVAL_NAMES:
                     continue
                 name = re.sub(r"[^a-zA-Z0-9_]", "_", key.removeprefix("eval_"))[:64]
                 self.child(m.EVAL_METRIC, name).set(value)
                 names += 1
+
+    def observe_checkpoint(self, step: int | None = None) -> None:
+        """A checkpoint of ``step`` (default: the last optimizer step) was saved."""
+        with self.errors.guard("step"):
+            self.child(m.CHECKPOINT_STEP).set(self._step if step is None else step)
+
+    def set_evaluation(
+        self, eval_set: Iterable[Any], tokenizer: Any, *, contract: Contract | None = None
+    ) -> FixedEvaluator:
+        """Attach a fixed eval set (see :mod:`exporter.eval_runner`); run it with :meth:`maybe_evaluate`.
+
+        Raises ``ValueError`` for a malformed eval set or a tokenizer without an
+        end-of-sequence id: bad input, found before training starts.
+        """
+        cfg = self.config
+        history = None
+        if cfg.previews:
+            history = cfg.history_dir or os.path.join(self.output_dir, "logs", "preview")
+        self.evaluator = FixedEvaluator(
+            eval_set, tokenizer, self.eval_export, self.errors,
+            budget=cfg.eval_budget, max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+            failure_pool=cfg.eval_failure_pool, contract=contract, history_dir=history,
+            compress_after_days=cfg.history_compress_days, delete_after_days=cfg.history_delete_days,
+        )
+        self.errors.touch("eval")
+        if history is not None:
+            self.errors.touch("previews")
+        return self.evaluator
+
+    def maybe_evaluate(self, model: torch.nn.Module, step: int | None = None, *, force: bool = False) -> bool:
+        """Run the fixed evaluation on ``model`` when it is due: every ``eval.interval_steps`` steps, or now
+        with ``force`` (at a Trainer evaluation); at most once per step. Call it after :meth:`step_end`.
+
+        Holds the training thread for the generation and one teacher-forced
+        pass; scoring and the history are written by a worker thread.
+        """
+        evaluator = self.evaluator
+        if evaluator is None or not self.config.evaluation:
+            return False
+        step = self._step if step is None else step
+        if not (force or evaluator.due(step, self.config.eval_interval)):
+            return False
+        with self.errors.guard("eval"):
+            return evaluator.run(model, step)
+        return False
+
+    def set_drift_reference(self, batches: Iterable[Any]) -> int:
+        """Profile these batches (up to ``drift.reference_batches``) as the drift reference instead of the
+        first training batches; returns how many were used. Call after :meth:`watch`."""
+        if self.drift is None:
+            return 0
+        with self.errors.guard("drift"):
+            return self.drift.set_reference(batches)
+        return 0
 
     # ------------------------------------------------------------- lifecycle
 
@@ -587,6 +668,10 @@ class TrainingMonitor:
         if self._ended:
             return
         self._ended = True
+        if self.evaluator is not None:
+            with self.errors.guard("eval"):
+                # The last evaluation's scores and history lines are written before the final values.
+                self.evaluator.close()
         with self.errors.guard("step"):
             self.flush()
             self._set_state(state)

@@ -3,7 +3,11 @@
 A randomly initialised tiny GPT-2 with a LoRA adapter learns "a+b=c" addition
 on the CPU in about a minute, with the exporter serving /metrics and the
 Trainer saving checkpoints (which the analytics exporter can watch). Faults can
-be injected on purpose to see the alerts fire.
+be injected on purpose to see the alerts fire. A fixed evaluation
+(`demo_task.make_eval_set`: 48 held-out sums by carry regime and operand
+shape, plus 32 training examples) runs every ``eval.interval_steps`` (250)
+steps, so exact match climbs from about 0 to above 0.9 over the default 5000
+steps, and its answers go to ``OUTPUT_DIR/logs/preview/``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from exporter.callback import PrometheusCallback
-from exporter.demo_task import ArithmeticDataset, CharTokenizer, DataCollator, FaultInjector, build_model
+from exporter.demo_task import (
+    DIGITS_ONLY,
+    ArithmeticDataset,
+    CharTokenizer,
+    DataCollator,
+    FaultInjector,
+    build_model,
+    make_eval_set,
+)
 from exporter.demo_task import make_training_args as task_training_args
 
 log = logging.getLogger("training_exporter")
@@ -35,6 +47,7 @@ def build_trainer(
     seed: int = 0,
     eval_steps: int | None = None,
     model_size: Mapping[str, int] | None = None,
+    train_examples: int = TRAIN_EXAMPLES,
     **overrides: Any,
 ) -> Trainer:
     """The demo's Trainer, also used by the tests and the benchmarks.
@@ -57,7 +70,7 @@ def build_trainer(
     return Trainer(
         model=model,
         args=args,
-        train_dataset=ArithmeticDataset(TRAIN_EXAMPLES, seed=seed, tokenizer=tokenizer),
+        train_dataset=ArithmeticDataset(train_examples, seed=seed, tokenizer=tokenizer),
         eval_dataset=eval_dataset,
         data_collator=DataCollator(tokenizer.pad_token_id),
         callbacks=[injector, *callbacks],
@@ -73,7 +86,11 @@ def train_demo(
     logging_steps: int = 50,
     faults: Sequence[str] = (),
     seed: int = 0,
+    eval_steps: int | None = None,
+    train_examples: int = TRAIN_EXAMPLES,
+    learning_rate: float | None = None,
 ) -> None:
+    extra: dict[str, Any] = {} if learning_rate is None else {"learning_rate": learning_rate}
     trainer = build_trainer(
         [callback],
         output_dir=output_dir,
@@ -81,8 +98,10 @@ def train_demo(
         save_steps=save_steps,
         faults=faults,
         seed=seed,
-        eval_steps=max(max_steps // 5, 1),
+        eval_steps=eval_steps or max(max_steps // 5, 1),
         logging_steps=logging_steps,
+        train_examples=train_examples,
+        **extra,
     )
     if not torch.cuda.is_available():
         # A model this small gains nothing from intra-op threads, and on a busy
@@ -90,6 +109,7 @@ def train_demo(
         torch.set_num_threads(1)
     monitor = None
     if isinstance(callback, PrometheusCallback):
+        callback.set_evaluation(make_eval_set(seed=seed), CharTokenizer(), contract=DIGITS_ONLY)
         # Start serving before the first step so a taken port fails fast.
         callback.setup(trainer.args, trainer.state, trainer.model)
         monitor = callback.monitor

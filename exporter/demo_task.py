@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
 
+from exporter.eval_runner import EvalExample, regex_contract
+
 __all__ = [
     "IGNORE_INDEX",
     "ArithmeticDataset",
@@ -31,6 +33,7 @@ __all__ = [
     "build_model",
     "collate",
     "greedy_answer",
+    "make_eval_set",
     "make_examples",
     "make_training_args",
     "parse_fault",
@@ -123,6 +126,59 @@ def make_examples(n: int, seed: int, digits: int = 2) -> list[tuple[str, str]]:
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         examples.append((f"{a:0{digits}d}+{b:0{digits}d}=", str(a + b)))
     return examples
+
+
+# The answer contract of the demo's fixed evaluation: digits and nothing else.
+DIGITS_ONLY = regex_contract(r"[0-9]+", "digits_only")
+
+
+def _digit_sum(n: int) -> int:
+    return sum(int(ch) for ch in str(n))
+
+
+def _eval_example(a: int, b: int, digits: int, source: str, dataset_id: str) -> EvalExample:
+    # A column carries exactly when the digit sums disagree (each carry loses 9).
+    carry = _digit_sum(a) + _digit_sum(b) != _digit_sum(a + b)
+    small, large = sorted((len(str(a)), len(str(b))))
+    prompt = f"{a:0{digits}d}+{b:0{digits}d}="
+    return EvalExample(
+        prompt=prompt, golden=str(a + b), example_id=f"{source}:{prompt}", regime="carry" if carry else "no_carry",
+        source=source, domain="arithmetic", pattern=f"{small}d+{large}d", dataset_id=dataset_id,
+    )
+
+
+def make_eval_set(per_regime: int = 24, small: int = 2, train: int = 32, seed: int = 0,
+                  digits: int = 2) -> list[EvalExample]:
+    """The demo's fixed eval set: held-out sums for each carry regime, plus training examples.
+
+    For each regime (``carry``, ``no_carry``) ``per_regime`` problems (source
+    ``fixed_eval``): ``small`` of them with two one-digit operands (pattern
+    ``1d+1d``: 1% of the training data, so the heatmap shows a weak row) and
+    the rest drawn like the training data (mostly ``2d+2d``, some ``1d+2d``),
+    with their own RNG; then the first ``train`` examples of the training set
+    (``ArithmeticDataset(n, seed)``), source ``train``.
+    """
+    rng = random.Random(f"demo-eval-{seed}")
+    fixed: dict[str, list[EvalExample]] = {"carry": [], "no_carry": []}
+    seen: set[str] = set()
+
+    def draw(hi: int, pattern: str | None, quota: int) -> None:
+        while any(sum(ex.pattern == pattern or pattern is None for ex in exs) < quota for exs in fixed.values()):
+            ex = _eval_example(rng.randint(0, hi), rng.randint(0, hi), digits, "fixed_eval",
+                               f"arithmetic_fixed_{digits}d")
+            mine = fixed[ex.regime]
+            if ex.prompt in seen or (pattern is not None and ex.pattern != pattern):
+                continue
+            if sum(e.pattern == pattern or pattern is None for e in mine) >= quota:
+                continue
+            seen.add(ex.prompt)
+            mine.append(ex)
+
+    draw(9, "1d+1d", small)
+    draw(10**digits - 1, None, per_regime)
+    pairs = [(int(p[:digits]), int(p[digits + 1: 2 * digits + 1])) for p, _ in make_examples(train, seed, digits)]
+    return [*fixed["carry"], *fixed["no_carry"],
+            *(_eval_example(a, b, digits, "train", f"arithmetic_train_{digits}d") for a, b in pairs)]
 
 
 class ArithmeticDataset(Dataset[dict[str, list[int]]]):

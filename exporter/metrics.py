@@ -75,6 +75,7 @@ START_TIME = _g("training_start_time_seconds", "Unix time the run started.", uni
 LAST_STEP_TIME = _g(
     "training_last_step_timestamp_seconds", "Unix time the last optimizer step ended.", unit="seconds"
 )
+CHECKPOINT_STEP = _g("training_checkpoint_step", "Optimizer step of the last checkpoint saved (checkpoint-N).")
 
 LOSS = _g("training_loss", "Training loss of the last optimizer step as computed (NaN/Inf exported as is).")
 LOSS_EMA = _g("training_loss_ema", "Exponential moving average of the finite step losses.")
@@ -152,6 +153,7 @@ EVAL_METRIC = _g(
     labels=("name",),
 )
 EVALUATIONS = _c("training_evaluations_total", "Evaluations run.")
+EVAL_STEP = _g("training_eval_step", "Optimizer step at which the last evaluation ran.")
 # Produced by the fixed evaluation and the dataset profile (source "eval"); the
 # names are fixed here so the rules and dashboards can be written against them.
 EVAL_EXACT_MATCH = _g(
@@ -177,7 +179,8 @@ EVAL_ANSWER_CROSS_ENTROPY = _g(
 )
 EVAL_CALIBRATION_ERROR = _g(
     "training_eval_calibration_error_ratio",
-    "Expected calibration error (15 equal-width bins) of the last fixed evaluation.",
+    "Expected calibration error (15 equal-width bins) of the golden answer tokens' top-1 predictions in the last "
+    "fixed evaluation.",
     unit="ratio",
     source="eval",
 )
@@ -214,16 +217,24 @@ EVAL_PATTERN_ACCURACY = _g(
 )
 EVAL_ROLLING_EXACT_MATCH = _g(
     "training_eval_rolling_exact_match_ratio",
-    "Exact-match rate over the last N previews (window 20, 50 or 100).",
+    "Exact-match rate over the last N fixed-evaluation answers, all sources (window 20, 50 or 100).",
     unit="ratio",
     labels=("window",),
     source="eval",
 )
-EVAL_BEST_LOSS = _g("training_eval_best_loss", "Lowest finite evaluation loss so far.", source="eval")
-EVAL_BEST_STEP = _g("training_eval_best_step", "Optimizer step of the lowest evaluation loss so far.", source="eval")
+EVAL_BEST_LOSS = _g(
+    "training_eval_best_loss",
+    "Lowest finite eval_loss of the Trainer's evaluations so far (without any: lowest fixed-evaluation answer "
+    "cross-entropy of the fixed_eval examples).",
+    source="eval",
+)
+EVAL_BEST_STEP = _g("training_eval_best_step", "Optimizer step of training_eval_best_loss.", source="eval")
 EVAL_LAST_STEP = _g("training_eval_last_step", "Optimizer step of the last fixed evaluation.", source="eval")
 EVAL_DURATION = _g(
-    "training_eval_duration_seconds", "Wall time of the last fixed evaluation.", unit="seconds", source="eval"
+    "training_eval_duration_seconds",
+    "Time the last fixed evaluation held the training loop (generation and the teacher-forced pass).",
+    unit="seconds",
+    source="eval",
 )
 EVAL_EXAMPLES = _g("training_eval_examples", "Examples scored by the last fixed evaluation.", source="eval")
 DATASET_DRIFT = _g(

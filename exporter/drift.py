@@ -1,0 +1,389 @@
+"""Dataset drift: a profile of the reference batches against a rolling window of recent ones.
+
+Features (one ``feature`` label value each, Jensen-Shannon divergence in bits):
+
+``sequence_length``   histogram of the real (attention-mask) length of each
+                      sequence over the fixed bins :data:`LENGTH_EDGES`;
+``token_frequency``   frequency of the reference's top-K token ids, plus one
+                      "other" bucket for every other id;
+``padding_fraction``  real vs padding token slots of the batches;
+``truncation``        sequences cut short vs complete. A sequence is cut short
+                      when its length reaches ``max_length`` (when set) or,
+                      without one, when its last real token is not an
+                      end-of-sequence token of the model.
+
+The reference is the first ``reference_batches`` training batches (forward
+passes in training mode), or batches the user passes to
+:meth:`DriftProfiler.set_reference`. Costs in the training loop: a few small
+device ops per forward pass (bucketize, an index lookup, one ``index_add_``),
+no device->host synchronisation; the per-batch count vectors are read at
+scrape time, and only the newest ``window`` of them are kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from exporter import metrics as m
+from exporter.errors import ErrorTracker
+from exporter.evaluation import js_divergence
+
+log = logging.getLogger("training_exporter")
+
+FEATURES = ("sequence_length", "token_frequency", "padding_fraction", "truncation")
+
+# Sequence-length bin edges in tokens: about x1.4 apart (powers of two and the
+# 1.5x between them) from 1 to 32k, so a shift of a third in typical length
+# moves mass across a bin edge at any scale. Bin 0 is [0, 1), the last [32768, inf).
+LENGTH_EDGES: tuple[int, ...] = (
+    1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096,
+    6144, 8192, 12288, 16384, 24576, 32768,
+)
+
+
+@dataclass(frozen=True)
+class _Constants:
+    """Device tensors that depend only on the batch shape, made once per shape."""
+
+    edges: torch.Tensor
+    positions: torch.Tensor
+    ones: torch.Tensor
+    token_ones: torch.Tensor
+    full_lengths: torch.Tensor
+    real_slot: torch.Tensor
+    pad_slot: torch.Tensor
+    truncated_slot: torch.Tensor
+    eos: torch.Tensor | None
+
+
+class DriftProfiler:
+    """Reference and rolling profiles of the training batches, and their divergence per feature."""
+
+    def __init__(
+        self,
+        const_labels: Mapping[str, str],
+        errors: ErrorTracker,
+        *,
+        window: int = 100,
+        reference_batches: int = 100,
+        top_k: int = 100,
+        max_length: int = 0,
+        vocab_size: int | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.const_labels = dict(const_labels)
+        self.errors = errors
+        self.window = window
+        self.reference_batches = reference_batches
+        self.top_k = top_k
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._nb = len(LENGTH_EDGES) + 1
+        # _lock guards what the training thread touches (pending vectors, the reference) and is
+        # never held across a device transfer; _read_lock serialises concurrent scrapes.
+        self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._hook: Any = None
+        self._const: dict[tuple[int, int, torch.device], _Constants] = {}
+        # Reference phase, on the device of the first batch.
+        self._ref_seen = 0
+        self._ref_sum: torch.Tensor | None = None
+        self._ref_vocab: torch.Tensor | None = None
+        self._ref_external = False
+        # Set once the reference is complete.
+        self._k = 0
+        self._lookup: dict[torch.device, torch.Tensor] = {}
+        self._reference_dev: torch.Tensor | None = None
+        self._reference: list[float] | None = None
+        # Current phase: device vectors not yet read, host rows of the window.
+        self._pending: collections.deque[torch.Tensor] = collections.deque(maxlen=window)
+        self._rows: collections.deque[list[float]] = collections.deque(maxlen=window)
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def reference_ready(self) -> bool:
+        return self._reference_dev is not None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Hook ``model``'s forward; vocabulary size and end-of-sequence ids come from the model where known."""
+        self.detach()
+        if self.vocab_size is None:
+            self.vocab_size = _vocab_size(model)
+        if not self.eos_token_ids:
+            self.eos_token_ids = _eos_ids(model)
+        self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def set_reference(self, batches: Iterable[Any]) -> int:
+        """Profile up to ``reference_batches`` of ``batches`` (mappings with ``input_ids`` and optionally
+        ``attention_mask``, or bare id tensors) as the reference; returns how many were used."""
+        self._ref_external = True
+        self._ref_seen, self._ref_sum, self._ref_vocab = 0, None, None
+        used = 0
+        for batch in batches:
+            if used >= self.reference_batches:
+                break
+            ids, mask = _ids_and_mask(batch)
+            if ids is None:
+                continue
+            self._accumulate_reference(ids, mask)
+            used += 1
+        if used:
+            self._finish_reference()
+        return used
+
+    # -------------------------------------------------------------- hot path
+
+    def _forward_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      output: Any) -> None:
+        if not module.training:
+            return
+        try:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor):
+                mask = kwargs.get("attention_mask")
+                self.observe(ids, mask if isinstance(mask, torch.Tensor) else None)
+        except Exception as exc:
+            self.errors.record("drift", exc)
+
+    def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Add one training batch: to the reference until it is complete, to the rolling window after."""
+        with torch.no_grad():
+            if self._reference_dev is None:
+                if self._ref_external:
+                    return
+                self._accumulate_reference(input_ids, attention_mask)
+                if self._ref_seen >= self.reference_batches:
+                    self._finish_reference()
+                return
+            counts = self._counts(input_ids, attention_mask, with_tokens=True)
+        with self._lock:
+            self._pending.append(counts)
+
+    def _counts(self, input_ids: torch.Tensor, mask: torch.Tensor | None, with_tokens: bool) -> torch.Tensor:
+        """One int64 vector: length bins | real, padding | complete, truncated | token buckets (if asked).
+
+        Built with one ``index_add_`` of (index, weight) pairs; the index parts
+        that only depend on the batch shape are cached, and the token lookup
+        table already holds its offset in the vector, so a batch costs about
+        fifteen small device ops.
+        """
+        ids = input_ids.detach()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+            mask = mask.unsqueeze(0) if mask is not None else None
+        dev = ids.device
+        b, t = ids.shape
+        nb = self._nb
+        const = self._constants(b, t, dev)
+        if mask is not None and mask.shape == ids.shape:
+            real = (mask != 0).long()
+            lengths = real.sum(1)
+        else:
+            real = None
+            lengths = const.full_lengths
+        # Lengths to their bins (weight 1 each); real and padding slots (weights length, width - length).
+        index = [torch.bucketize(lengths, const.edges, right=True), const.real_slot, const.pad_slot]
+        weight = [const.ones, lengths, t - lengths]
+        complete = self._complete(ids, real, lengths, const)
+        if complete is not None:
+            index.append(const.truncated_slot - complete.long())
+            weight.append(const.ones)
+        size = nb + 4
+        lookup = self._lookup_on(dev) if with_tokens else None
+        if lookup is not None:
+            index.append(lookup[self._safe_ids(ids).reshape(-1)])
+            weight.append(real.reshape(-1) if real is not None else const.token_ones)
+            size += self._k + 1
+        return torch.zeros(size, dtype=torch.long, device=dev).index_add_(0, torch.cat(index), torch.cat(weight))
+
+    def _constants(self, b: int, t: int, dev: torch.device) -> _Constants:
+        key = (b, t, dev)
+        const = self._const.get(key)
+        if const is None:
+            if len(self._const) > 64:  # many batch shapes (dynamic padding): keep the cache bounded
+                self._const.clear()
+            nb = self._nb
+            const = self._const[key] = _Constants(
+                edges=torch.tensor(LENGTH_EDGES, dtype=torch.long, device=dev),
+                positions=torch.arange(t, device=dev),
+                ones=torch.ones(b, dtype=torch.long, device=dev),
+                token_ones=torch.ones(b * t, dtype=torch.long, device=dev),
+                full_lengths=torch.full((b,), t, dtype=torch.long, device=dev),
+                real_slot=torch.full((b,), nb, dtype=torch.long, device=dev),
+                pad_slot=torch.full((b,), nb + 1, dtype=torch.long, device=dev),
+                truncated_slot=torch.full((b,), nb + 3, dtype=torch.long, device=dev),
+                eos=torch.tensor(self.eos_token_ids, dtype=torch.long, device=dev) if self.eos_token_ids else None,
+            )
+        return const
+
+    def _complete(self, ids: torch.Tensor, real: torch.Tensor | None, lengths: torch.Tensor,
+                  const: _Constants) -> torch.Tensor | None:
+        """Per sequence: not truncated (see the module docstring); None when that can't be told."""
+        if self.max_length > 0:
+            return lengths < self.max_length
+        if const.eos is None:
+            return None
+        if real is None:
+            last_id = ids[:, -1]
+        else:
+            # Position of the last real token, whichever side the padding is on.
+            last_id = ids.gather(1, (real * const.positions).argmax(1, keepdim=True)).squeeze(1)
+        if const.eos.numel() == 1:
+            return last_id == const.eos
+        return torch.isin(last_id, const.eos)
+
+    def _safe_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        # An id outside the embedding (a resized vocabulary, a sentinel) would be a device-side
+        # assert on CUDA: ids past the end go to the extra slot V (negative ones, never seen in
+        # practice, to id 0).
+        return ids.clamp(0, int(self.vocab_size or 0))
+
+    def _accumulate_reference(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        counts = self._counts(ids, mask, with_tokens=False)
+        self._ref_sum = counts if self._ref_sum is None else self._ref_sum + counts.to(self._ref_sum.device)
+        if self.vocab_size:
+            flat = self._safe_ids(ids.detach()).reshape(-1)
+            if mask is not None and mask.shape == ids.shape:
+                weight = (mask.detach() != 0).reshape(-1).long()
+            else:
+                weight = torch.ones_like(flat)
+            if self._ref_vocab is None:
+                self._ref_vocab = torch.zeros(self.vocab_size + 1, dtype=torch.long, device=flat.device)
+            self._ref_vocab.index_add_(0, flat.to(self._ref_vocab.device), weight.to(self._ref_vocab.device))
+        self._ref_seen += 1
+
+    def _finish_reference(self) -> None:
+        """Fix the top-K tokens and the reference vector; device ops only, no synchronisation."""
+        assert self._ref_sum is not None
+        ref = self._ref_sum
+        if self._ref_vocab is not None and self.vocab_size:
+            vocab = self._ref_vocab
+            k = min(self.top_k, self.vocab_size)
+            top = vocab[: self.vocab_size].topk(k).indices
+            # Values are positions in the count vector (after the nb + 4 fixed slots): no add per batch.
+            offset = self._nb + 4
+            lookup = torch.full((self.vocab_size + 1,), offset + k, dtype=torch.long, device=vocab.device)
+            lookup[top] = torch.arange(offset, offset + k, device=vocab.device)
+            kept = vocab[top]
+            ref = torch.cat([ref, kept, (vocab.sum() - kept.sum()).reshape(1)])
+            self._k = k
+            self._lookup = {vocab.device: lookup}
+        self._ref_vocab = None
+        with self._lock:
+            self._reference_dev = ref
+            self._reference = None
+            self._pending.clear()
+            self._rows.clear()
+
+    def _lookup_on(self, dev: torch.device) -> torch.Tensor | None:
+        if not self._lookup:
+            return None
+        lookup = self._lookup.get(dev)
+        if lookup is None:
+            lookup = self._lookup[dev] = next(iter(self._lookup.values())).to(dev)
+        return lookup
+
+    # ----------------------------------------------------------------- export
+
+    def divergences(self) -> dict[str, float]:
+        """JS divergence per feature once the reference is complete and the window full; else empty."""
+        with self._read_lock:
+            return self._divergences()
+
+    def _divergences(self) -> dict[str, float]:
+        with self._lock:
+            pending = list(self._pending)
+            self._pending.clear()
+            ref_dev = self._reference_dev
+        if ref_dev is None:
+            return {}
+        if pending:
+            # One transfer for every batch since the last read.
+            self._rows.extend(torch.stack([p.to(pending[0].device) for p in pending]).double().tolist())
+        if self._reference is None:
+            self._reference = ref_dev.double().tolist()
+        if len(self._rows) < self.window:
+            return {}
+        current = [sum(col) for col in zip(*self._rows, strict=True)]
+        return divergences(self._reference, current, self._nb)
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.divergences()
+        if not values:
+            return
+        spec = m.DATASET_DRIFT
+        family = GaugeMetricFamily(spec.name, spec.help, labels=[*self.const_labels, *spec.labels])
+        for feature, value in values.items():
+            family.add_metric([*self.const_labels.values(), feature], value)
+        yield family
+
+
+def divergences(reference: Sequence[float], current: Sequence[float], length_bins: int) -> dict[str, float]:
+    """Split two count vectors (layout of :meth:`DriftProfiler._counts`) into features and compare each."""
+    nb = length_bins
+    out: dict[str, float] = {}
+    spans = {
+        "sequence_length": (0, nb),
+        "padding_fraction": (nb, nb + 2),
+        "truncation": (nb + 2, nb + 4),
+    }
+    if len(reference) > nb + 4 and len(current) == len(reference):
+        spans["token_frequency"] = (nb + 4, len(reference))
+    for feature in FEATURES:
+        if feature not in spans:
+            continue
+        lo, hi = spans[feature]
+        value = js_divergence(reference[lo:hi], current[lo:hi])
+        if math.isfinite(value):
+            out[feature] = value
+    return out
+
+
+def _ids_and_mask(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        ids = torch.as_tensor(ids) if ids is not None and not isinstance(ids, torch.Tensor) else ids
+        mask = torch.as_tensor(mask) if mask is not None and not isinstance(mask, torch.Tensor) else mask
+        return ids, mask
+    return None, None
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+            n = getattr(emb, "num_embeddings", None)
+            if isinstance(n, int) and n > 0:
+                return n
+        except Exception:  # a model without embeddings simply has no token feature
+            pass
+    n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        return (eos,)
+    if isinstance(eos, (list, tuple)):
+        return tuple(int(x) for x in eos if isinstance(x, int))
+    return ()
