@@ -32,6 +32,7 @@ EXIT_BAD_INPUT = 2
 # ``run(args) -> int``; it is imported when the parser is built, so keep
 # heavy imports (torch, transformers) inside ``run``.
 SUBCOMMANDS: dict[str, str] = {
+    "advise": "exporter.advisor",
     "previews": "exporter.previews_cli",
     "analytics": "analytics_jobs.cli",
 }
