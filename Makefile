@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # Faults injected when `make demo` runs the local alerting chain (DEMO_FAULTS= for none).
 DEMO_FAULTS ?= --inject nan@1500 --inject spike@3000
 
-.PHONY: setup demo test lint system-packages clean
+.PHONY: setup demo test lint system-packages clean dashboards
 
 setup: system-packages $(STAMP)
 
@@ -22,16 +22,18 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e '.[dev]'
 	touch $(STAMP)
 
-# promtool / prometheus / alertmanager for the rule and end-to-end tests.
+# promtool / prometheus / alertmanager for the rule and end-to-end tests;
+# docker-compose (1.29, no engine needed) for `docker-compose config` in tests/test_compose.py.
 system-packages:
-	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1 \
+	    || ! command -v docker-compose >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	      prometheus prometheus-alertmanager; \
+	      prometheus prometheus-alertmanager docker-compose; \
 	    systemctl disable --now prometheus prometheus-alertmanager >/dev/null 2>&1 || true; \
 	  else \
-	    echo "promtool / prometheus-alertmanager missing: run as root or install the Debian packages" \
-	      "prometheus and prometheus-alertmanager" >&2; \
+	    echo "promtool / prometheus-alertmanager / docker-compose missing: run as root or install the Debian" \
+	      "packages prometheus, prometheus-alertmanager and docker-compose" >&2; \
 	  fi; \
 	fi
 
@@ -47,12 +49,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
-	$(VENV)/bin/ruff check exporter analytics_jobs tests bench
+	$(VENV)/bin/ruff check exporter analytics_jobs tests bench grafana
 	$(VENV)/bin/mypy
 
 lint: setup
-	$(VENV)/bin/ruff check exporter analytics_jobs tests bench
+	$(VENV)/bin/ruff check exporter analytics_jobs tests bench grafana
 	$(VENV)/bin/mypy
+
+# Regenerate grafana/dashboards/*.json from grafana/dashboards_src/ (a test fails when they differ).
+dashboards: setup
+	$(PY) grafana/generate.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache
