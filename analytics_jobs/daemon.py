@@ -103,6 +103,7 @@ class AnalyticsDaemon:
         status_dir: Path | None = None,
         history: int = status.DEFAULT_HISTORY,
         registry: CollectorRegistry | None = None,
+        hardware: bool = True,
     ) -> None:
         self.base = base
         self.checkpoint_dir = checkpoint_dir
@@ -114,6 +115,8 @@ class AnalyticsDaemon:
         self._errors = Counter(m.ERRORS.name, m.ERRORS.help, ["run_id", *m.ERRORS.labels], registry=self.registry)
         for reason in REASONS:
             self._errors.labels(run_id, reason)
+        if hardware:
+            self._register_hardware(run_id)
         self.run_id = run_id
         self.stop = threading.Event()
         self.latest: Analysis | None = None
@@ -121,6 +124,23 @@ class AnalyticsDaemon:
         self._failed: dict[Path, tuple[tuple[str, int, int], ...]] = {}
         self._reported: set[tuple[Path, str]] = set()
         self._said_empty = False
+
+    def _register_hardware(self, run_id: str) -> None:
+        """The training exporter's GPU (NVML) and host (psutil) collectors, so that the Hardware
+        dashboard shows the analytics host beside the training host (same families, this job)."""
+        from exporter import metrics as tm
+        from exporter.collectors.gpu import GpuCollector
+        from exporter.collectors.host import HostCollector
+        from exporter.errors import ErrorTracker
+
+        const = {"run_id": run_id}
+        counter = Counter(tm.COLLECTOR_ERRORS.name, tm.COLLECTOR_ERRORS.help, ["run_id", *tm.COLLECTOR_ERRORS.labels],
+                          registry=self.registry)
+        errors = ErrorTracker(counter, const)
+        for name in ("gpu", "host"):
+            errors.touch(name)
+        self.registry.register(GpuCollector(const, errors))
+        self.registry.register(HostCollector(const, errors, disk_path=self.checkpoint_dir))
 
     def error(self, reason: str, message: str, exc_info: BaseException | None = None) -> None:
         log.error("%s", message, exc_info=exc_info)

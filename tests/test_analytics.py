@@ -21,6 +21,7 @@ from pathlib import Path
 from types import NoneType
 from typing import Any
 
+import psutil
 import pytest
 import requests
 import torch
@@ -517,6 +518,11 @@ def test_daemon_serves_metrics_that_promtool_accepts(runs: dict[str, Path], tmp_
         assert f'training_analytics_checkpoint_step{{run_id="llama-full-2"}} {float(STEPS)}' in page
         assert 'training_analytics_errors_total{reason="corrupt_file",run_id="llama-full-2"} 0.0' in page
         assert 'training_analytics_drift_pattern{pattern="uniform",run_id="llama-full-2"}' in page
+        # The analytics host's own hardware, as the training exporter publishes it (no GPU here: NVML
+        # missing is counted under collector "gpu", the host collector reports real figures).
+        host_total = re.search(r'^training_host_memory_total_bytes\{run_id="llama-full-2"\} (\S+)$', page, re.M)
+        assert host_total and float(host_total.group(1)) == pytest.approx(psutil.virtual_memory().total)
+        assert 'training_exporter_collector_errors_total{collector="host",run_id="llama-full-2"} 0.0' in page
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0]
