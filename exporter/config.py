@@ -77,6 +77,7 @@ class ExporterConfig:
     history_dir: str = ""
     history_compress_days: int = 7
     history_delete_days: int = 30
+    drift_sample_every: int = 10
     drift_window: int = 100
     drift_reference_batches: int = 100
     drift_top_k: int = 100
@@ -281,11 +282,13 @@ OPTIONS: tuple[Option, ...] = (
            "Gzip preview history day files older than this many days.", _positive_int, "int"),
     Option("history_delete_days", "history.delete_after_days", "history.delete-after-days",
            "Delete preview history day files older than this many days.", _positive_int, "int"),
+    Option("drift_sample_every", "drift.sample_every", "drift.sample-every",
+           "Profile every N-th training batch (forward pass); 1 profiles every batch.", _positive_int, "int"),
     Option("drift_window", "drift.window_batches", "drift.window-batches",
-           "Recent training batches (forward passes) the current data profile is taken over.",
+           "Recent profiled training batches the current data profile is taken over.",
            _positive_int, "int"),
     Option("drift_reference_batches", "drift.reference_batches", "drift.reference-batches",
-           "First training batches that make the reference profile (unless the callback is given one).",
+           "First profiled training batches that make the reference profile (unless the callback is given one).",
            _positive_int, "int"),
     Option("drift_top_k", "drift.top_k", "drift.top-k",
            "Most frequent reference tokens compared one by one; the rest share an 'other' bucket.",

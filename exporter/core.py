@@ -152,7 +152,7 @@ class TrainingMonitor:
             cfg = self.config
             self.drift = DriftProfiler(
                 const, self.errors, window=cfg.drift_window, reference_batches=cfg.drift_reference_batches,
-                top_k=cfg.drift_top_k, max_length=cfg.drift_max_length,
+                top_k=cfg.drift_top_k, max_length=cfg.drift_max_length, sample_every=cfg.drift_sample_every,
             )
             self.errors.touch("drift")
 

@@ -114,6 +114,8 @@ def _start_demo(workdir: Path, port: int) -> Process:
         "--run-id", RUN_ID,
         "--save-steps", str(SAVE_STEPS),
         "--inject", f"nan@{NAN_STEP}",
+        # Every batch profiled, so that the drift reference and window fill within the run.
+        "--drift.sample-every", "1",
         # Outlives the test; stopped by PID at the end.
         "--linger", str(DEADLINE_S + 30),
     ]

@@ -155,7 +155,8 @@ def test_forward_hook_of_a_monitored_model() -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=16, n_layer=1, n_head=2,
                                        bos_token_id=1, eos_token_id=EOS))
-    cfg = ExporterConfig(gpu=False, host=False, drift_window=6, drift_reference_batches=6, drift_top_k=10)
+    cfg = ExporterConfig(gpu=False, host=False, drift_window=6, drift_reference_batches=6, drift_top_k=10,
+                         drift_sample_every=1)
     mon = TrainingMonitor(cfg, run_id="drift")
     mon.watch(model)
     rng = random.Random(8)
@@ -184,4 +185,29 @@ def test_forward_hook_of_a_monitored_model() -> None:
     assert js("sequence_length") < 0.1
     assert mon.registry.get_sample_value("training_exporter_collector_errors_total",
                                          {"run_id": "drift", "collector": "drift"}) == 0.0
+    mon.unwatch()
+
+
+def test_every_nth_training_batch_is_profiled() -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=1, eos_token_id=EOS))
+    cfg = ExporterConfig(gpu=False, host=False, drift_window=2, drift_reference_batches=2, drift_sample_every=3)
+    mon = TrainingMonitor(cfg, run_id="sampled")
+    mon.watch(model)
+    assert mon.drift is not None
+    rng = random.Random(9)
+    model.train()
+    # Batches 1 and 4 make the reference; 2, 3, 5 and 6 are not profiled.
+    for _ in range(6):
+        model(**batch(rng, lengths=(6, 12), tokens=(3, 20)))
+    assert mon.drift.reference_ready
+    # Batches 7 and 10 are the window: long ones, so the lengths are disjoint from the reference; the
+    # short batches between them are skipped and cannot pull the divergence down.
+    for i in range(4):
+        long = i in (0, 3)
+        model(**batch(rng, lengths=(60, 100) if long else (6, 12), tokens=(3, 20)))
+    value = mon.registry.get_sample_value("training_dataset_drift_js_divergence",
+                                          {"run_id": "sampled", "feature": "sequence_length"})
+    assert value == pytest.approx(1.0)
     mon.unwatch()
