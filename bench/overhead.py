@@ -129,8 +129,9 @@ class CpuMeter:
     """CPU time spent inside the exporter's own code, on whichever thread runs it.
 
     Wraps the callback's per-step events, the model forward hooks (the core's
-    and the dataset-drift profiler's) and the registry's collect (run by the HTTP server thread on every scrape). Start-up
-    and shutdown (on_train_begin / on_train_end) are one-off costs and left out.
+    and the dataset-drift profiler's) and the registry's collect (run by the
+    HTTP server thread on every scrape). Start-up and shutdown (on_train_begin /
+    on_train_end) are one-off costs and left out.
     """
 
     EVENTS = ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate")
