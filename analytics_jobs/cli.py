@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import signal
@@ -16,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+
+from exporter.argtypes import positive_int, positive_seconds
 
 ENV_PREFIX = "TRAINING_EXPORTER_ANALYTICS_"
 DEFAULT_LISTEN = ":9946"
@@ -28,24 +29,6 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", flag.upper())
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
-def _entries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -88,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
                              "Required.")
     parser.add_argument("--status-dir", default=env("status-dir", "status"), metavar="DIR",
                         help="Where layer_drift.json, parameter_stability.json and their *_history.json go.")
-    parser.add_argument("--interval", type=_seconds, default=env("interval", str(DEFAULT_INTERVAL)),
+    parser.add_argument("--interval", type=positive_seconds, default=env("interval", str(DEFAULT_INTERVAL)),
                         metavar="SECONDS", help="Seconds between looks at --checkpoint-dir.")
     parser.add_argument("--once", action="store_true",
                         help="Analyse the newest complete checkpoint, write the status files and exit "
@@ -99,9 +82,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     parser.add_argument("--run-id", default=env("run-id"), metavar="ID",
                         help="Value of the run_id label (default: the name of --checkpoint-dir, as the training "
                              "exporter derives it from the Trainer's output dir).")
-    parser.add_argument("--history", type=_entries, default=env("history", "100"), metavar="N",
+    parser.add_argument("--history", type=positive_int, default=env("history", "100"), metavar="N",
                         help="Entries kept in each *_history.json.")
-    parser.add_argument("--threads", type=_entries, default=env("threads", "1"), metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=env("threads", "1"), metavar="N",
                         help="CPU threads for the tensor maths. One keeps the daemon a quiet neighbour of training "
                              "(a 0.6B checkpoint takes seconds, an 8B one well under a minute); more only pay off on "
                              "idle cores, and oversubscribed cores make them far slower.")

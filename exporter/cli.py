@@ -23,6 +23,7 @@ from types import FrameType
 from typing import NoReturn
 
 from exporter import __version__
+from exporter.argtypes import non_negative_number, positive_int
 from exporter.config import OPTIONS, ConfigError, ExporterConfig, add_arguments, resolve
 
 EXIT_BAD_INPUT = 2
@@ -55,24 +56,6 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _learning_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def _fault(text: str) -> str:
@@ -102,17 +85,17 @@ def build_parser() -> OneLineParser:
         help="Fine-tune a tiny GPT-2 + LoRA on synthetic arithmetic on the CPU, serving /metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--max-steps", type=_positive_int, default=5000,
+    demo.add_argument("--max-steps", type=positive_int, default=5000,
                       help="Optimizer steps to train (5000: about a minute on one CPU core).")
     demo.add_argument("--output-dir", default="demo-output", help="Checkpoints go to DIR/checkpoint-N.")
-    demo.add_argument("--save-steps", type=_positive_int, default=500, help="Save a checkpoint every N steps.")
-    demo.add_argument("--eval-steps", type=_positive_int, default=None,
+    demo.add_argument("--save-steps", type=positive_int, default=500, help="Save a checkpoint every N steps.")
+    demo.add_argument("--eval-steps", type=positive_int, default=None,
                       help="Evaluate every N steps; None: a fifth of --max-steps.")
-    demo.add_argument("--train-examples", type=_positive_int, default=20_000,
+    demo.add_argument("--train-examples", type=positive_int, default=20_000,
                       help="Training examples; a hundred or so are memorised and the eval loss rises (overfitting).")
-    demo.add_argument("--learning-rate", type=_learning_rate, default=2e-3,
+    demo.add_argument("--learning-rate", type=non_negative_number, default=2e-3,
                       help="Peak learning rate of the cosine schedule; 1e-7 leaves the loss flat (a plateau).")
-    demo.add_argument("--logging-steps", type=_positive_int, default=50, help="Trainer logging interval.")
+    demo.add_argument("--logging-steps", type=positive_int, default=50, help="Trainer logging interval.")
     demo.add_argument("--inject", action="append", type=_fault, default=[], metavar="KIND@STEP",
                       help="Fault injection for alert demos: nan@STEP or spike@STEP (repeatable).")
     demo.add_argument("--seed", type=int, default=0, help="Random seed.")

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from exporter.argtypes import integer
 from exporter.previews import PREVIEW_FIELDS, PreviewHistory, PreviewHistoryError, parse_time_bound
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -51,19 +52,6 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _time(end: bool) -> Callable[[str], datetime]:
     def parse(text: str) -> datetime:
         try:
@@ -90,14 +78,14 @@ def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--source", help="Only this source pool, e.g. fixed_eval, train, failures.")
     parser.add_argument("--exact-match", type=_bool, metavar="true|false", help="Only exact matches, or only misses.")
     parser.add_argument("--failure-mode", help="Only this failure mode, e.g. wrong_content.")
-    parser.add_argument("--step-min", type=_count(0), metavar="N", help="Only steps >= N.")
-    parser.add_argument("--step-max", type=_count(0), metavar="N", help="Only steps <= N.")
+    parser.add_argument("--step-min", type=integer(0), metavar="N", help="Only steps >= N.")
+    parser.add_argument("--step-max", type=integer(0), metavar="N", help="Only steps <= N.")
     parser.add_argument("--since", type=_time(end=False), metavar="TIME",
                         help="Only previews at or after TIME (ISO 8601 date or datetime; no zone means UTC).")
     parser.add_argument("--until", type=_time(end=True), metavar="TIME",
                         help="Only previews before TIME; a bare date includes that whole day.")
-    parser.add_argument("--limit", type=_count(1), default=20, metavar="N", help="Rows per page.")
-    parser.add_argument("--offset", type=_count(0), default=0, metavar="N", help="Matching rows to skip first.")
+    parser.add_argument("--limit", type=integer(1), default=20, metavar="N", help="Rows per page.")
+    parser.add_argument("--offset", type=integer(0), default=0, metavar="N", help="Matching rows to skip first.")
     parser.add_argument("--oldest-first", action="store_true", help="Oldest first instead of newest first.")
     parser.add_argument("--format", choices=FORMATS, default="table",
                         help="table: aligned columns, long texts cut; json: one JSON array; "

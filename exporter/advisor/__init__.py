@@ -21,6 +21,7 @@ from typing import TextIO
 from exporter.advisor.analysis import Report, Waiting, analyse
 from exporter.advisor.client import AdvisorError, Prometheus, duration_seconds, gather
 from exporter.advisor.render import error_json, to_json, to_text
+from exporter.argtypes import positive_int, positive_seconds
 
 __all__ = ["add_parser", "advise", "run"]
 
@@ -38,15 +39,6 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
-
 
 def _duration(text: str) -> str:
     try:
@@ -55,15 +47,6 @@ def _duration(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -81,16 +64,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     parser.add_argument("--run-id", metavar="ID", default=os.environ.get(ENV_RUN_ID, ""),
                         help="Value of the run's run_id label; empty: the newest run (largest "
                              f"training_start_time_seconds) (env {ENV_RUN_ID}).%(default).0s")
-    parser.add_argument("--watch", type=_seconds, metavar="SECONDS", default=None,
+    parser.add_argument("--watch", type=positive_seconds, metavar="SECONDS", default=None,
                         help="Refresh every SECONDS, redrawing in place (one JSON document per line with --json) "
                              "until Ctrl-C.%(default).0s")
     parser.add_argument("--json", action="store_true",
                         help="Print a JSON document (schema in docs/advisor.md) instead of text.")
-    parser.add_argument("--timeout", type=_seconds, metavar="SECONDS", default=5.0,
+    parser.add_argument("--timeout", type=positive_seconds, metavar="SECONDS", default=5.0,
                         help="HTTP timeout of each request to Prometheus.")
     parser.add_argument("--lookback", type=_duration, metavar="DURATION", default="7d",
                         help="How far back to look for runs and their series (a Prometheus duration).")
-    parser.add_argument("--save-steps", type=_positive_int, metavar="N", default=None,
+    parser.add_argument("--save-steps", type=positive_int, metavar="N", default=None,
                         help="Checkpoint interval to assume when the exporter publishes no "
                              "training_checkpoint_step (older exporters; plain loops that do not call "
                              "observe_checkpoint).%(default).0s")
