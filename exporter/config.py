@@ -60,6 +60,7 @@ class ExporterConfig:
     layers_interval: int = 10
     update_ratio_interval: int = 50
     predictions_interval: int = 50
+    min_sample_period_seconds: float = 1.0
     ema_alpha: float = 0.1
     variance_window: int = 50
     loss_window_seconds: float = 60.0
@@ -245,6 +246,10 @@ OPTIONS: tuple[Option, ...] = (
            "Sample update ratios every N optimizer steps.", _positive_int, "int"),
     Option("predictions_interval", "intervals.predictions_steps", "predictions.interval-steps",
            "Sample entropy / confidence every N optimizer steps.", _positive_int, "int"),
+    Option("min_sample_period_seconds", "intervals.min_period_seconds", "intervals.min-period-seconds",
+           "Sample layers, update ratios and predictions at most once per this many seconds (0: every due "
+           "step); a scrape reads only the newest sample, so faster ones would be overwritten unread.",
+           _check_linger, "float"),
     Option("ema_alpha", "loss.ema_alpha", "loss.ema-alpha",
            "Weight of the newest loss in the EMA (0 < alpha <= 1).", _check_alpha, "float"),
     Option("variance_window", "loss.variance_window", "loss.variance-window",

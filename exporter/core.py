@@ -182,6 +182,8 @@ class TrainingMonitor:
         self._sample_layers = False
         self._sample_updates = False
         self._sample_predictions = False
+        # perf_counter() of the last sampled step per statistic (min_sample_period_seconds).
+        self._last_sample = {"layers": -math.inf, "updates": -math.inf, "predictions": -math.inf}
         self._snapshot: list[torch.Tensor] | None = None
         self.export_layers = True  # False on ranks whose gradients duplicate rank 0's
         self.compute_global_grad_norm = True
@@ -415,11 +417,30 @@ class TrainingMonitor:
             self._step_started = time.perf_counter()
             n = self._step + 1
             cfg = self.config
-            self._sample_layers = cfg.layers and self.export_layers and _due(n, cfg.layers_interval)
-            self._sample_updates = cfg.update_ratio and self.export_layers and _due(n, cfg.update_ratio_interval)
-            self._sample_predictions = cfg.predictions and _due(n, cfg.predictions_interval)
+            self._sample_layers = self._sample_due(
+                "layers", cfg.layers and self.export_layers and _due(n, cfg.layers_interval))
+            self._sample_updates = self._sample_due(
+                "updates", cfg.update_ratio and self.export_layers and _due(n, cfg.update_ratio_interval))
+            self._sample_predictions = self._sample_due(
+                "predictions", cfg.predictions and _due(n, cfg.predictions_interval))
         except Exception as exc:
             self.errors.record("step", exc)
+
+    def _sample_due(self, what: str, due: bool) -> bool:
+        """Whether a due sample is taken: at most one per ``min_sample_period_seconds``.
+
+        Samples are gauges that the next one overwrites, and a scrape reads only
+        the newest, so on fast steps (a 10 ms step, a 15 s scrape interval) all
+        but a few samples per interval would be computed for nothing; the
+        exported value is at most one period older than the newest step.
+        """
+        if not due:
+            return False
+        now = self._step_started if self._step_started is not None else time.perf_counter()
+        if now - self._last_sample[what] < self.config.min_sample_period_seconds:
+            return False
+        self._last_sample[what] = now
+        return True
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after backward (and clipping), before ``optimizer.step()``."""

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         listen_address=f"127.0.0.1:{args.port}",
         linger_seconds=args.linger,
         layers_interval=args.layers_interval,
+        min_sample_period_seconds=0,
         port_in_use="fail",
         gpu=False,
         host=False,

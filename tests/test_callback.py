@@ -71,6 +71,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("runs") / "nan-run"
     cb = PrometheusCallback(
         listen_address="127.0.0.1:0", layers_interval=2, update_ratio_interval=4, predictions_interval=4,
+        min_sample_period_seconds=0,
     )
     probe = Probe(cb, {NAN_STEP, MAX_STEPS})
     trainer = build_trainer(

@@ -155,6 +155,33 @@ def test_hooked_model_loop_grads_updates_tokens_predictions() -> None:
     assert sample(mon, "training_top5_confidence_ratio") == pytest.approx(float(top.sum(-1).mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize("period", [0.0, 3600.0])
+def test_samples_at_most_once_per_min_period(period: float) -> None:
+    model = tiny_gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = ExporterConfig(layers_interval=1, update_ratio_interval=1, predictions_interval=1,
+                         min_sample_period_seconds=period, **QUIET)
+    mon = TrainingMonitor(cfg, run_id="period")
+    mon.watch(model)
+    mon.begin(max_steps=3)
+    norms = []
+    for step in range(3):
+        mon.step_begin()
+        model(**batch(step)).loss.backward()
+        c_fc = model.transformer.h[1].mlp.c_fc  # type: ignore[union-attr]
+        norms.append(math.hypot(float(c_fc.weight.grad.norm()), float(c_fc.bias.grad.norm())))
+        mon.before_optimizer_step(opt)
+        opt.step()
+        mon.after_optimizer_step()
+        opt.zero_grad()
+        mon.step_end()
+    mon.flush()
+    assert len(set(norms)) == 3
+    # Period 0: the newest step's gradients; one hour: only the first step was sampled.
+    expected = norms[-1] if period == 0 else norms[0]
+    assert sample(mon, "training_layer_grad_norm", layer="1", module="mlp.c_fc") == pytest.approx(expected, rel=1e-5)
+
+
 def test_dead_layers_counted() -> None:
     model = tiny_gpt2()
     cfg = ExporterConfig(layers_interval=1, **QUIET)
