@@ -133,10 +133,10 @@ class StepTimer(TrainerCallback):
 class CpuMeter:
     """CPU time spent inside the exporter's own code, on whichever thread runs it.
 
-    Wraps the callback's per-step events, the model forward hooks (the core's
-    and the dataset-drift profiler's) and the registry's collect (run by the
-    HTTP server thread on every scrape). Start-up and shutdown (on_train_begin /
-    on_train_end) are one-off costs and left out.
+    Wraps the callback's per-step events, the model forward hook (dataset
+    drift included) and the registry's collect (run by the HTTP server thread
+    on every scrape). Start-up and shutdown (on_train_begin / on_train_end) are
+    one-off costs and left out.
     """
 
     EVENTS = ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate")
@@ -163,10 +163,8 @@ class CpuMeter:
         monitor = callback.monitor
         assert monitor is not None
         # watch() registers whatever _forward_hook is at on_train_begin (the
-        # dataset-drift profiler has a forward hook of its own).
+        # dataset-drift profile is taken inside it too).
         monitor._forward_hook = self.wrap(monitor._forward_hook)  # type: ignore[method-assign]
-        if monitor.drift is not None:
-            monitor.drift._forward_hook = self.wrap(monitor.drift._forward_hook)  # type: ignore[method-assign]
         monitor.registry.collect = self.wrap(monitor.registry.collect)  # type: ignore[method-assign]
 
 

@@ -311,8 +311,6 @@ class TrainingMonitor:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.drift is not None:
-            self.drift.detach()
 
     def begin(self, max_steps: int | None = None, start_step: int = 0) -> None:
         with self.errors.guard("step"):
@@ -343,6 +341,8 @@ class TrainingMonitor:
                 with self._pending_lock:
                     self._pending_samples += input_ids.shape[0] if input_ids.dim() > 1 else 1
                 self.observe_tokens(mask.sum() if isinstance(mask, torch.Tensor) else input_ids.numel())
+                if self.drift is not None:
+                    self.drift.observe_forward(input_ids, mask if isinstance(mask, torch.Tensor) else None)
             if self._sample_predictions:
                 self._sample_predictions = False
                 logits = _field(output, "logits", 1)

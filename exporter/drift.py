@@ -96,7 +96,6 @@ class DriftProfiler:
         # never held across a device transfer; _read_lock serialises concurrent scrapes.
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
-        self._hook: Any = None
         self._const: dict[tuple[int, int, torch.device], _Constants] = {}
         # Reference phase, on the device of the first batch.
         self._ref_seen = 0
@@ -119,18 +118,12 @@ class DriftProfiler:
         return self._reference_dev is not None
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Hook ``model``'s forward; vocabulary size and end-of-sequence ids come from the model where known."""
-        self.detach()
+        """Vocabulary size and end-of-sequence ids from ``model`` where known (the batches come from the
+        training exporter's forward hook, :meth:`observe_forward`)."""
         if self.vocab_size is None:
             self.vocab_size = _vocab_size(model)
         if not self.eos_token_ids:
             self.eos_token_ids = _eos_ids(model)
-        self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
-
-    def detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
     def set_reference(self, batches: Iterable[Any]) -> int:
         """Profile up to ``reference_batches`` of ``batches`` (mappings with ``input_ids`` and optionally
@@ -152,20 +145,15 @@ class DriftProfiler:
 
     # -------------------------------------------------------------- hot path
 
-    def _forward_hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                      output: Any) -> None:
-        if not module.training:
-            return
+    def observe_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """One training forward pass (from the exporter's forward hook): every ``sample_every``-th is profiled."""
         # A profile of every N-th batch: the same distribution at a tenth of the
         # per-step cost (the ops are small, so on a CPU their count is the cost).
         self._calls += 1
         if (self._calls - 1) % self.sample_every:
             return
         try:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if isinstance(ids, torch.Tensor):
-                mask = kwargs.get("attention_mask")
-                self.observe(ids, mask if isinstance(mask, torch.Tensor) else None)
+            self.observe(input_ids, attention_mask)
         except Exception as exc:
             self.errors.record("drift", exc)
 
