@@ -11,7 +11,7 @@ representative queries for one page of 100 rows, newest first:
   failures     --exact-match false --failure-mode wrong_content  (about a tenth)
   offset5000   no filter, --offset 5000                       (spans two day files)
   no_match     --step-min above every step: nothing matches, so every line of
-               every file is read and parsed (the worst case, for context)
+               every file is read and its step pre-checked (the worst case)
 
 each both through the Python API (``PreviewHistory.query``) and as a
 subprocess of the console script (``python -m exporter.cli previews ...

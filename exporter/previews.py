@@ -318,6 +318,9 @@ def _gunzip(raw: bytes) -> tuple[bytes, str | None]:
     return b"".join(parts), None
 
 
+_STEP = re.compile(rb'"step":\s*(-?\d+)')
+
+
 class _Filter:
     """The query's conditions: a cheap byte pre-check, then the exact test on the parsed record."""
 
@@ -340,17 +343,24 @@ class _Filter:
         self.since, self.until = since, until
 
     def maybe(self, line: bytes) -> bool:
-        return all(any(needle in line for needle in group) for group in self.needles)
+        if not all(any(needle in line for needle in group) for group in self.needles):
+            return False
+        if self.step_min is None and self.step_max is None:
+            return True
+        # Every `"step": N` in the line, the record's own among them (text inside a string could
+        # look alike, never hide it): only when none is in range can the record not match.
+        steps = [int(n) for n in _STEP.findall(line)]
+        return not steps or any(self._step_ok(n) for n in steps)
+
+    def _step_ok(self, step: int) -> bool:
+        return (self.step_min is None or step >= self.step_min) and (self.step_max is None or step <= self.step_max)
 
     def matches(self, record: Mapping[str, Any]) -> bool:
         for name, value in self.fields:
             found = record[name]
             if found != value or type(found) is not type(value):
                 return False
-        step = record["step"]
-        if self.step_min is not None and step < self.step_min:
-            return False
-        if self.step_max is not None and step > self.step_max:
+        if not self._step_ok(record["step"]):
             return False
         if self.since is not None or self.until is not None:
             ts = parse_ts(record["ts"])

@@ -433,6 +433,20 @@ def test_query_text_precheck_neither_misses_nor_lets_through(tmp_path: Path) -> 
     assert [row["step"] for row in history.query(failure_mode="wrong_content")] == []
 
 
+def test_query_step_precheck_is_not_fooled_by_step_text_in_a_prompt(tmp_path: Path) -> None:
+    history = PreviewHistory(tmp_path, clock=FakeClock(NOON))
+    history.append([record(5, prompt='the log said "step": 999'),
+                    record(50, prompt='the log said "step": 7'),
+                    record(60, golden='"step":8')])
+    # Compact separators, as another writer may use.
+    other = json.dumps({**record(6), "ts": "2025-11-22T12:00:00Z"}, separators=(",", ":"))
+    with open(history.path_for(NOON.date()), "a", encoding="utf-8") as stream:
+        stream.write(other + "\n")
+    assert [row["step"] for row in history.query(step_min=0, step_max=10)] == [6, 5]
+    assert [row["step"] for row in history.query(step_min=40)] == [60, 50]
+    assert history.query(step_min=1000) == []
+
+
 def test_query_time_range_by_date_and_datetime(history: PreviewHistory) -> None:
     def steps(**bounds: Any) -> list[int]:
         return sorted(row["step"] for row in history.query(limit=1000, **bounds))
