@@ -46,6 +46,7 @@ import torch
 import transformers
 from transformers.trainer_callback import PrinterCallback
 
+from exporter.argtypes import positive_int
 from exporter.callback import PrometheusCallback
 from exporter.config import ExporterConfig
 from exporter.demo import build_trainer
@@ -157,13 +158,6 @@ def report(runs: Sequence[Run], opts: argparse.Namespace, log: Callable[[str], N
     ems = [r.last_fixed_em for r in ev if r.last_fixed_em is not None]
     if ems:
         log(f"fixed-eval exact match at step {opts.steps} (mean over regimes): {statistics.median(ems):.3f}")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

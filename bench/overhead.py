@@ -81,6 +81,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
+from exporter.argtypes import integer, positive_int, positive_seconds
 from exporter.callback import PrometheusCallback
 from exporter.config import ExporterConfig
 from exporter.demo import build_trainer
@@ -426,27 +427,6 @@ def write_json(path: Path, summary: dict[str, VariantSummary], opts: argparse.Na
 # --------------------------------------------------------------------------- CLI
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
 def variant_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -461,7 +441,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps per run (default: 100)")
     p.add_argument(
-        "--warmup", type=non_negative_int, default=10, help="leading steps of each run left out (default: 10)"
+        "--warmup", type=integer(0), default=10, help="leading steps of each run left out (default: 10)"
     )
     p.add_argument("--repeats", type=positive_int, default=5, help="interleaved rounds (default: 5)")
     p.add_argument(
@@ -472,7 +452,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scrape-interval",
-        type=positive_float,
+        type=positive_seconds,
         default=1.0,
         help="seconds between /metrics scrapes during exporter runs (default: 1.0)",
     )
