@@ -14,7 +14,7 @@ What a checkpoint holds:
 * a peft adapter (``adapter_model.safetensors``): LoRA modules give
   ``W = W0 + scale * B @ A``, whose norms come from r x r products
   (:class:`analytics_jobs.maths.LowRank`) and whose max / min |w| come from
-  ``W0 + delta`` built one row block at a time (bounded memory, never a whole
+  ``W0 + delta`` built in float64 one row block at a time (bounded memory, never a whole
   merged matrix); ``modules_to_save`` copies are compared like full tensors;
   every other base tensor is unchanged (its base figures are computed once
   and cached).
@@ -516,12 +516,13 @@ def _lora_bias(run: _Run, module: _Module, modules: dict[str, _Module]) -> None:
     ref = run.base.weights.tensors[module.reference]
     base_bias = run.base.weights.read(ref)
     frame = run.ckpt.read(module.whole) if module.whole is not None else base_bias
-    extra = run.ckpt.read(module.lora_bias).float()
+    # float64, as the merged LoRA weights (maths.LowRank.merged): the smallest |b| is exact.
+    extra = run.ckpt.read(module.lora_bias).double()
     if extra.shape != base_bias.shape or frame.shape != base_bias.shape:
         raise AnalysisError("shape_mismatch", f"{module.lora_bias.name}: shape {list(extra.shape)} vs base "
                                               f"{list(base_bias.shape)}")
     scale = lora_scale(run.config, names.module_path(module.target), int(owner.a.shape[0]))
     stats = TensorStats()
-    pair_block(base_bias, frame.float() + scale * extra, stats)
+    pair_block(base_bias, frame.double() + scale * extra, stats)
     run.bytes_read += 2 * ref.nbytes + module.lora_bias.nbytes
     run.acc(module.target).add(stats, ref.numel)

@@ -25,6 +25,14 @@ a 2-core CPU)::
     .venv/bin/python bench/drift.py
     .venv/bin/python bench/drift.py --layers 4        # quick try
 
+With ``--adapter``, also a LoRA adapter of that model (rank 16 on every
+linear layer, random A and B) is analysed three times in fresh subprocesses,
+for the max / min |w| of ``W0 + scale * B @ A``: as the analysis does it (a
+float32 merge, float64 for the candidate extremes, see
+``analytics_jobs.maths.LowRank.merged_extremes``), with every element merged
+in float64, and in float32 only; it prints what exact extremes cost and how
+far float32 alone puts the smallest |w|.
+
 Timings on a shared machine are noisy; ``--repeat N`` runs both N times,
 alternating the order, and reports the median. Both read files that were just
 written, so from the page cache (no cold-disk I/O for either).
@@ -112,14 +120,31 @@ def build(workdir: Path, opts: argparse.Namespace) -> dict[str, Any]:
     (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": STEP}))
     params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    return {"base": str(base), "checkpoint": str(ckpt), "params": params, "model_bytes": size}
+    out = {"base": str(base), "checkpoint": str(ckpt), "params": params, "model_bytes": size}
+    if opts.adapter:
+        from peft import LoraConfig, get_peft_model
+
+        adapter = workdir / "adapter-run" / f"checkpoint-{STEP}"
+        lora = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        get_peft_model(model, lora).save_pretrained(adapter)
+        (adapter / "trainer_state.json").write_text(json.dumps({"global_step": STEP}))
+        out["adapter"] = str(adapter)
+    return out
 
 
 # --------------------------------------------------------------------------- the two sides (child processes)
 
 
 def child_streamed(base: str, checkpoint: str) -> dict[str, Any]:
+    from analytics_jobs import maths
     from analytics_jobs.analysis import BaseModel, analyse
+
+    # The LoRA extremes: float32 with float64 candidates (the default), or a whole-block merge in one precision.
+    merge = os.environ.get("DRIFT_BENCH_MERGE", "")
+    if merge in ("float32", "float64"):
+        whole = maths.LowRank.merged32 if merge == "float32" else maths.LowRank.merged64
+        maths.LowRank.merged_extremes = lambda self, start, block: maths.extremes(whole(self, start, block))  # type: ignore[method-assign]
 
     rss_import = _rss_bytes()
     started = time.perf_counter()
@@ -208,6 +233,26 @@ def report(pair: dict[str, Any], runs: dict[str, list[dict[str, Any]]], opts: ar
         f"streamed peak RSS / one model copy: {med['streamed']['maxrss'] / size:.2f} (target < 1); "
         f"naive: {med['naive']['maxrss'] / size:.2f}",
     ]
+    if runs.get("adapter-exact"):
+        t = {m: statistics.median(r["seconds"] for r in runs[f"adapter-{m}"]) for m in ("exact", "float64", "float32")}
+        truth = runs["adapter-float64"][0]["layers"]
+
+        def worst(mode: str, index: int) -> float:
+            # Figures 4 and 5 of each layer: max and min |w|.
+            got = runs[f"adapter-{mode}"][0]["layers"]
+            return max(abs(got[k][index] - truth[k][index]) / max(abs(truth[k][index]), 1e-300) for k in truth)
+
+        lines += [
+            "",
+            "adapter (rank 16 on every linear layer), max / min |w| of W0 + scale * B @ A:",
+            f"  float32 merge + float64 candidates (default) {t['exact']:.2f} s, whole float64 merge "
+            f"{t['float64']:.2f} s, float32 merge only {t['float32']:.2f} s",
+            f"  cost of exact extremes vs float32 only: {t['exact'] / t['float32']:.3f}x "
+            f"(whole float64: {t['float64'] / t['float32']:.3f}x)",
+            f"  largest relative difference from the float64 merge: default min |w| {worst('exact', 5):.1e}, "
+            f"max |w| {worst('exact', 4):.1e}; float32 only min |w| {worst('float32', 5):.1e}, "
+            f"max |w| {worst('float32', 4):.1e}",
+        ]
     a, b = runs["streamed"][0], runs["naive"][0]
     worst = 0.0
     for layer, values in a["layers"].items():
@@ -235,6 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in both children (0: torch's default). 1 by default, as the analytics "
                         "daemon runs: on a shared 2-core box two OpenMP threads made either side 10x slower.")
+    p.add_argument("--adapter", action="store_true",
+                   help="Also time a LoRA adapter's analysis with float64 and float32 merged extremes.")
     p.add_argument("--workdir", default=None, help="Build the pair here and keep it (default: a temporary dir).")
     p.add_argument("--json", default=None, help="Also write the raw figures to this file.")
     opts = p.parse_args(argv)
@@ -256,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
         base, checkpoint = sys.argv[3:5]
-        result = child_streamed(base, checkpoint) if kind == "streamed" else child_naive(base, checkpoint)
+        result = child_naive(base, checkpoint) if kind == "naive" else child_streamed(base, checkpoint)
         print(json.dumps(result))
         return 0
     opts = parse_args(argv)
@@ -272,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(opts.repeat):
             for kind in (("streamed", "naive") if i % 2 == 0 else ("naive", "streamed")):
                 runs[kind].append(run_child(kind, pair["base"], pair["checkpoint"]))
+            if "adapter" in pair:
+                modes = ("exact", "float64", "float32")
+                for mode in (modes if i % 2 == 0 else modes[::-1]):
+                    os.environ["DRIFT_BENCH_MERGE"] = mode
+                    runs.setdefault(f"adapter-{mode}", []).append(run_child("streamed", pair["base"], pair["adapter"]))
+                os.environ.pop("DRIFT_BENCH_MERGE", None)
         print(report(pair, runs, opts))
         if opts.json:
             Path(opts.json).write_text(json.dumps({"pair": pair, "runs": runs}, indent=2))
