@@ -3,10 +3,14 @@
 Features (one ``feature`` label value each, Jensen-Shannon divergence in bits):
 
 ``sequence_length``   histogram of the real (attention-mask) length of each
-                      sequence over the fixed bins :data:`LENGTH_EDGES`;
+                      sequence over the fixed bins :data:`LENGTH_EDGES`; the
+                      sequences of a packed (padding-free) row, where
+                      ``position_ids`` restart at 0, are each one sequence;
 ``token_frequency``   frequency of the reference's top-K token ids, plus one
                       "other" bucket for every other id;
-``padding_fraction``  real vs padding token slots of the batches;
+``padding_fraction``  real vs padding token slots of the batches (a packed row
+                      without a mask: padding is what follows its last
+                      non-zero position id);
 ``truncation``        sequences cut short vs complete. A sequence is cut short
                       when its length reaches ``max_length`` (when set) or,
                       without one, when its last real token is not an
@@ -59,10 +63,22 @@ class _Constants:
     ones: torch.Tensor
     token_ones: torch.Tensor
     full_lengths: torch.Tensor
+    row_start: torch.Tensor
+    true_col: torch.Tensor
     real_slot: torch.Tensor
     pad_slot: torch.Tensor
     truncated_slot: torch.Tensor
     eos: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One batch as profiled: 2-D ids, real slots (None: all), position ids (None: one sequence a row)."""
+
+    ids: torch.Tensor
+    real: torch.Tensor | None
+    positions: torch.Tensor | None
+    const: _Constants
 
 
 class DriftProfiler:
@@ -127,17 +143,18 @@ class DriftProfiler:
 
     def set_reference(self, batches: Iterable[Any]) -> int:
         """Profile up to ``reference_batches`` of ``batches`` (mappings with ``input_ids`` and optionally
-        ``attention_mask``, or bare id tensors) as the reference; returns how many were used."""
+        ``attention_mask`` and ``position_ids``, or bare id tensors) as the reference; returns how many
+        were used."""
         self._ref_external = True
         self._ref_seen, self._ref_sum, self._ref_vocab = 0, None, None
         used = 0
         for batch in batches:
             if used >= self.reference_batches:
                 break
-            ids, mask = _ids_and_mask(batch)
+            ids, mask, positions = _batch_tensors(batch)
             if ids is None:
                 continue
-            self._accumulate_reference(ids, mask)
+            self._accumulate_reference(ids, mask, positions)
             used += 1
         if used:
             self._finish_reference()
@@ -145,7 +162,8 @@ class DriftProfiler:
 
     # -------------------------------------------------------------- hot path
 
-    def observe_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    def observe_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> None:
         """One training forward pass (from the exporter's forward hook): every ``sample_every``-th is profiled."""
         # A profile of every N-th batch: the same distribution at a tenth of the
         # per-step cost (the ops are small, so on a CPU their count is the cost).
@@ -153,53 +171,87 @@ class DriftProfiler:
         if (self._calls - 1) % self.sample_every:
             return
         try:
-            self.observe(input_ids, attention_mask)
+            self.observe(input_ids, attention_mask, position_ids)
         except Exception as exc:
             self.errors.record("drift", exc)
 
-    def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Add one training batch: to the reference until it is complete, to the rolling window after."""
+    def observe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> None:
+        """Add one training batch: to the reference until it is complete, to the rolling window after.
+
+        With ``position_ids``, every run that starts at position 0 is a
+        sequence of its own (packing); rows with one start each count as
+        without them.
+        """
         with torch.no_grad():
             if self._reference_dev is None:
                 if self._ref_external:
                     return
-                self._accumulate_reference(input_ids, attention_mask)
+                self._accumulate_reference(input_ids, attention_mask, position_ids)
                 if self._ref_seen >= self.reference_batches:
                     self._finish_reference()
                 return
-            counts = self._counts(input_ids, attention_mask, with_tokens=True)
+            counts = self._counts(self._batch(input_ids, attention_mask, position_ids), with_tokens=True)
         with self._lock:
             self._pending.append(counts)
 
-    def _counts(self, input_ids: torch.Tensor, mask: torch.Tensor | None, with_tokens: bool) -> torch.Tensor:
+    def _batch(self, input_ids: torch.Tensor, mask: torch.Tensor | None,
+               positions: torch.Tensor | None) -> _Batch:
+        ids = input_ids.detach()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+            mask = mask.unsqueeze(0) if mask is not None and mask.dim() == 1 else mask
+            positions = positions.unsqueeze(0) if positions is not None and positions.dim() == 1 else positions
+        b, t = ids.shape
+        const = self._constants(b, t, ids.device)
+        if positions is not None:
+            positions = positions.detach()
+            # (1, t) is one set of positions for every row; any other shape (e.g. the (3, b, t) of
+            # multimodal rotary positions) says nothing about sequence starts.
+            if positions.dim() == 2 and positions.shape[1] == t and positions.shape[0] in (1, b):
+                positions = positions.to(ids.device).expand(b, t)
+            else:
+                positions = None
+        if mask is not None and mask.shape == ids.shape:
+            real: torch.Tensor | None = (mask.detach() != 0).long()
+        elif positions is not None:
+            # A padding-free collator sends no mask, and pads a row (pad_to_multiple_of) with position
+            # id 0, which no position id can tell from sequences of one token. The slots after a row's
+            # last non-zero position id are taken for padding: a packed sequence of one token there
+            # would have no loss token anyway (its only label is the -100 of a sequence start). A row
+            # with no non-zero position id is all real.
+            moving = ((positions != 0) * const.positions).amax(1, keepdim=True)
+            real = ((const.positions <= moving) | (moving == 0)).long()
+        else:
+            real = None
+        return _Batch(ids, real, positions, const)
+
+    def _counts(self, batch: _Batch, with_tokens: bool) -> torch.Tensor:
         """One int64 vector: length bins | real, padding | complete, truncated | token buckets (if asked).
 
         Built with one ``index_add_`` of (index, weight) pairs; the index parts
         that only depend on the batch shape are cached, and the token lookup
         table already holds its offset in the vector, so a batch costs about
-        fifteen small device ops.
+        fifteen small device ops (some ten more with position ids).
         """
-        ids = input_ids.detach()
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-            mask = mask.unsqueeze(0) if mask is not None else None
+        ids, real, const = batch.ids, batch.real, batch.const
         dev = ids.device
-        b, t = ids.shape
+        t = ids.shape[1]
         nb = self._nb
-        const = self._constants(b, t, dev)
-        if mask is not None and mask.shape == ids.shape:
-            real = (mask != 0).long()
-            lengths = real.sum(1)
-        else:
-            real = None
-            lengths = const.full_lengths
-        # Lengths to their bins (weight 1 each); real and padding slots (weights length, width - length).
-        index = [torch.bucketize(lengths, const.edges, right=True), const.real_slot, const.pad_slot]
-        weight = [const.ones, lengths, t - lengths]
-        complete = self._complete(ids, real, lengths, const)
-        if complete is not None:
-            index.append(const.truncated_slot - complete.long())
+        lengths = real.sum(1) if real is not None else const.full_lengths
+        # Real and padding slots (weights length, width - length) per row, whatever its sequences.
+        index = [const.real_slot, const.pad_slot]
+        weight = [lengths, t - lengths]
+        if batch.positions is None:
+            # Lengths to their bins (weight 1 each).
+            index.append(torch.bucketize(lengths, const.edges, right=True))
             weight.append(const.ones)
+            complete = self._complete(ids, real, lengths, const)
+            if complete is not None:
+                index.append(const.truncated_slot - complete.long())
+                weight.append(const.ones)
+        else:
+            self._packed(batch, index, weight)
         size = nb + 4
         lookup = self._lookup_on(dev) if with_tokens else None
         if lookup is not None:
@@ -207,6 +259,47 @@ class DriftProfiler:
             weight.append(real.reshape(-1) if real is not None else const.token_ones)
             size += self._k + 1
         return torch.zeros(size, dtype=torch.long, device=dev).index_add_(0, torch.cat(index), torch.cat(weight))
+
+    def _packed(self, batch: _Batch, index: list[torch.Tensor], weight: list[torch.Tensor]) -> None:
+        """Length bins and truncation of every sequence of rows that ``position_ids`` split at each 0.
+
+        Sequence k of row r is slot r * t + k of a b * t vector: shapes fixed by
+        the batch, so no count of sequences is read back; a slot past a row's
+        sequences has length 0 and weight 0.
+        """
+        ids, real, positions, const = batch.ids, batch.real, batch.positions, batch.const
+        assert positions is not None
+        b, t = ids.shape
+        nb = self._nb
+        starts = positions == 0
+        if real is not None:
+            starts = starts & (real != 0)
+        seen = starts.cumsum(1)
+        # Slots before a row's first start (left padding) join its first sequence, so a row with one
+        # start, or none, is one sequence of the row's real length: the counts without position ids.
+        slot = ((seen - 1).clamp_(min=0) + const.row_start).reshape(-1)
+        tokens = real.reshape(-1) if real is not None else const.token_ones
+        lengths = torch.zeros(b * t, dtype=torch.long, device=ids.device).index_add_(0, slot, tokens)
+        present = (const.positions < seen[:, -1:].clamp(min=1)).reshape(-1).long()
+        index.append(torch.bucketize(lengths, const.edges, right=True))
+        weight.append(present)
+        if self.max_length > 0:
+            index.append((nb + 3) - (lengths < self.max_length).long())
+            weight.append(present)
+            return
+        if const.eos is None:
+            return
+        # A sequence ends before the next start or at the row end (not before the first start, which
+        # only ends left padding); each one has one end, and there the last real token so far is its own.
+        end = torch.cat([starts[:, 1:] & (seen[:, :-1] > 0), const.true_col], 1)
+        if real is None:
+            last_id = ids
+        else:
+            last_real = torch.where(real != 0, const.positions, -1).cummax(1).values.clamp_(min=0)
+            last_id = ids.gather(1, last_real)
+        complete = last_id == const.eos if const.eos.numel() == 1 else torch.isin(last_id, const.eos)
+        index.append(((nb + 3) - complete.long()).reshape(-1))
+        weight.append(end.reshape(-1).long())
 
     def _constants(self, b: int, t: int, dev: torch.device) -> _Constants:
         key = (b, t, dev)
@@ -221,6 +314,8 @@ class DriftProfiler:
                 ones=torch.ones(b, dtype=torch.long, device=dev),
                 token_ones=torch.ones(b * t, dtype=torch.long, device=dev),
                 full_lengths=torch.full((b,), t, dtype=torch.long, device=dev),
+                row_start=torch.arange(0, b * t, t, device=dev).unsqueeze(1),
+                true_col=torch.ones(b, 1, dtype=torch.bool, device=dev),
                 real_slot=torch.full((b,), nb, dtype=torch.long, device=dev),
                 pad_slot=torch.full((b,), nb + 1, dtype=torch.long, device=dev),
                 truncated_slot=torch.full((b,), nb + 3, dtype=torch.long, device=dev),
@@ -250,15 +345,14 @@ class DriftProfiler:
         # practice, to id 0).
         return ids.clamp(0, int(self.vocab_size or 0))
 
-    def _accumulate_reference(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-        counts = self._counts(ids, mask, with_tokens=False)
+    def _accumulate_reference(self, ids: torch.Tensor, mask: torch.Tensor | None,
+                              positions: torch.Tensor | None = None) -> None:
+        batch = self._batch(ids, mask, positions)
+        counts = self._counts(batch, with_tokens=False)
         self._ref_sum = counts if self._ref_sum is None else self._ref_sum + counts.to(self._ref_sum.device)
         if self.vocab_size:
-            flat = self._safe_ids(ids.detach()).reshape(-1)
-            if mask is not None and mask.shape == ids.shape:
-                weight = (mask.detach() != 0).reshape(-1).long()
-            else:
-                weight = torch.ones_like(flat)
+            flat = self._safe_ids(batch.ids).reshape(-1)
+            weight = batch.real.reshape(-1) if batch.real is not None else batch.const.token_ones
             if self._ref_vocab is None:
                 self._ref_vocab = torch.zeros(self.vocab_size + 1, dtype=torch.long, device=flat.device)
             self._ref_vocab.index_add_(0, flat.to(self._ref_vocab.device), weight.to(self._ref_vocab.device))
@@ -351,15 +445,18 @@ def divergences(reference: Sequence[float], current: Sequence[float], length_bin
     return out
 
 
-def _ids_and_mask(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _batch_tensors(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Input ids, attention mask and position ids of a reference batch (a mapping or a bare id tensor)."""
     if isinstance(batch, torch.Tensor):
-        return batch, None
+        return batch, None, None
     if isinstance(batch, Mapping):
-        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-        ids = torch.as_tensor(ids) if ids is not None and not isinstance(ids, torch.Tensor) else ids
-        mask = torch.as_tensor(mask) if mask is not None and not isinstance(mask, torch.Tensor) else mask
-        return ids, mask
-    return None, None
+        ids, mask, positions = (_tensor(batch.get(key)) for key in ("input_ids", "attention_mask", "position_ids"))
+        return ids, mask, positions
+    return None, None, None
+
+
+def _tensor(value: Any) -> torch.Tensor | None:
+    return torch.as_tensor(value) if value is not None and not isinstance(value, torch.Tensor) else value
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
