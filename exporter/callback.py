@@ -36,7 +36,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from exporter.config import ExporterConfig
+from exporter.config import ExporterConfig, resolve_settings
 from exporter.core import PortInUseError, TrainingMonitor
 from exporter.eval_runner import Contract, EvalExample, load_eval_set
 
@@ -53,9 +53,15 @@ def derive_run_id(output_dir: str | None) -> str:
 class PrometheusCallback(TrainerCallback):
     """Publishes a Trainer run on a Prometheus /metrics endpoint.
 
-    Accepts either an :class:`ExporterConfig` or its fields as keyword
-    arguments (``PrometheusCallback(listen_address=":9945", ema_alpha=0.05)``);
-    they are validated here, before training starts.
+    Settings come as on the command line, highest first: keyword arguments
+    (``PrometheusCallback(listen_address=":9945", ema_alpha=0.05)``), the
+    ``TRAINING_EXPORTER_*`` environment variables, the YAML file named by
+    ``TRAINING_EXPORTER_CONFIG_FILE``, the defaults. A whole
+    :class:`ExporterConfig` is taken as explicit: it is used as it is (keyword
+    arguments still override its fields) and neither the environment nor the
+    file is read, so nothing overrides what the caller built. Everything is
+    validated here, before training starts: unknown keyword arguments and bad
+    values from any source are listed in one :class:`~exporter.config.ConfigError`.
     """
 
     def __init__(
@@ -68,11 +74,7 @@ class PrometheusCallback(TrainerCallback):
         drift_reference: Iterable[Any] | None = None,
         **settings: Any,
     ) -> None:
-        if config is not None and settings:
-            config = config.replace(**settings)
-        elif settings:
-            config = ExporterConfig.from_kwargs(**settings)
-        self.config = config or ExporterConfig()
+        self.config = config.replace(**settings) if config is not None else resolve_settings(settings)
         self.monitor: TrainingMonitor | None = None
         self._active = True
         self._eval_set: list[EvalExample] | None = None
@@ -134,9 +136,6 @@ class PrometheusCallback(TrainerCallback):
         if mon is None or not self._active:
             return
         self._call("http_server", "start")
-        if args.average_tokens_across_devices and args.world_size > 1:
-            # With num_items_in_batch the model divides by the global token count.
-            mon.loss_sum_scale = float(args.world_size)
         if model is not None:
             self._call("hook", "describe_model", model)
             self._call("hook", "watch", model)

@@ -1,7 +1,8 @@
 """Exporter settings: one table drives the dataclass, the YAML file, the flags and the environment.
 
-Precedence, highest first: command-line flag, environment variable, ``--config.file``
-YAML, built-in default. Every setting has all four spellings, derived from the
+Precedence, highest first: command-line flag (or the callback's keyword argument),
+environment variable, YAML file (``--config.file`` or ``TRAINING_EXPORTER_CONFIG_FILE``),
+built-in default. Every setting has all four spellings, derived from the
 single :data:`OPTIONS` table so they cannot drift apart:
 
 ===========================  ================================  ==========================================
@@ -12,17 +13,18 @@ YAML (``--config.file``)     flag                              environment
 ===========================  ================================  ==========================================
 
 Validation collects every problem and reports them in one :class:`ConfigError`
-before anything starts.
+before anything starts. Only the value that wins is checked: a setting overridden
+by a higher layer is not an error however bad it is in the lower one; an unknown
+YAML key or keyword argument always is.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import yaml
 # Not on the Prometheus default-port allocation list at the time of writing.
 DEFAULT_PORT = 9945
 ENV_PREFIX = "TRAINING_EXPORTER_"
+CONFIG_FILE_ENV = ENV_PREFIX + "CONFIG_FILE"
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 RESERVED_LABELS = {
     "run_id", "rank", "layer", "module", "state", "collector", "gpu", "UUID", "name", "le",
@@ -65,6 +68,9 @@ class ExporterConfig:
     variance_window: int = 50
     loss_window_seconds: float = 60.0
     linger_seconds: float = 0.0
+    final_scrape_timeout_seconds: float = 120.0
+    sigterm: bool = True
+    sigterm_timeout_seconds: float = 25.0
     ranks: str = "zero"
     port_in_use: str = "continue"
     evaluation: bool = True
@@ -90,26 +96,14 @@ class ExporterConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ExporterConfig:
-        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
-        problems = [f"unknown setting {k!r}" for k in unknown]
-        if problems:
-            raise ConfigError(problems)
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+        """Defaults with ``kwargs`` on top; the environment and the YAML file are not read."""
+        return _merge(kwargs, environ={})
 
     def replace(self, **changes: Any) -> ExporterConfig:
-        cfg = dataclasses.replace(self, **changes)
-        cfg.validate()
-        return cfg
+        return _merge(changes, environ={}, defaults=self)
 
     def validate(self) -> None:
-        problems: list[str] = []
-        for opt in OPTIONS:
-            value = getattr(self, opt.attr)
-            err = opt.check(value)
-            if err:
-                problems.append(f"{opt.yaml}: {err}")
+        problems = _check({o.attr: getattr(self, o.attr) for o in OPTIONS})
         if problems:
             raise ConfigError(problems)
 
@@ -221,7 +215,20 @@ OPTIONS: tuple[Option, ...] = (
            "When the port is taken: 'continue' (log one line, count the error, train without "
            "an endpoint) or 'fail' (raise before training starts).", _choice("continue", "fail")),
     Option("linger_seconds", "web.linger_seconds", "linger",
-           "Keep serving this many seconds after training ends so the last values are scraped.",
+           "Block this many seconds when training ends, serving the last values (the end of training waits "
+           "for it; web.final_scrape_timeout_seconds does not).", _check_linger, "float"),
+    Option("final_scrape_timeout_seconds", "web.final_scrape_timeout_seconds", "web.final-scrape-timeout",
+           "After training ends, keep serving in the background until each client that was scraping has "
+           "read the final state (it is expected back within twice its scrape interval plus 1 s), at most "
+           "this many seconds; the return from training does not wait, the exit of the process does. "
+           "0: stop serving at once.", _check_linger, "float"),
+    Option("sigterm", "signals.sigterm", "signals.sigterm",
+           "On SIGTERM (handler installed from the main thread): state terminated, kept scrapeable for "
+           "web.sigterm_timeout_seconds, then the handler installed before runs (by default the process "
+           "dies of the signal).", _check_bool, "bool"),
+    Option("sigterm_timeout_seconds", "web.sigterm_timeout_seconds", "web.sigterm-timeout",
+           "On SIGTERM, keep the process at most this many seconds for a scrape to read state terminated; "
+           "keep it below the scheduler's grace period (Kubernetes and Slurm: 30 s). 0: no wait.",
            _check_linger, "float"),
     Option("run_id", "run_id", "run-id",
            "Value of the run_id label; empty derives it from the Trainer's output dir.", _check_run_id),
@@ -383,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: ExporterConfig | No
     base = defaults or ExporterConfig()
     group = parser.add_argument_group("exporter")
     group.add_argument("--config.file", dest="config_file", metavar="FILE", default=None,
-                       help=f"YAML file with the settings below (env {ENV_PREFIX}CONFIG_FILE).")
+                       help=f"YAML file with the settings below (env {CONFIG_FILE_ENV}).")
     for opt in OPTIONS:
         default = getattr(base, opt.attr)
         shown = "" if default in ("", {}) else f" (default: {default}; env {opt.env})"
@@ -408,25 +415,78 @@ def resolve(
     defaults: ExporterConfig | None = None,
 ) -> ExporterConfig:
     """Merge defaults < YAML < environment < flags and validate; raises ConfigError listing all problems."""
+    flags = {o.attr: raw for o in OPTIONS if (raw := getattr(namespace, o.attr, None)) is not None}
+    return _merge(flags, environ, defaults, getattr(namespace, "config_file", None), parse_explicit=True)
+
+
+def resolve_settings(
+    explicit: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    defaults: ExporterConfig | None = None,
+) -> ExporterConfig:
+    """Keyword arguments (``{attr: value}``, used as given) treated like flags: explicit > environment >
+    YAML file named by ``TRAINING_EXPORTER_CONFIG_FILE`` > default. Raises one ConfigError listing every
+    unknown setting and bad value, each named by where it came from."""
+    return _merge(explicit, environ, defaults)
+
+
+def _merge(
+    explicit: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    defaults: ExporterConfig | None = None,
+    config_file: str | None = None,
+    *,
+    parse_explicit: bool = False,
+) -> ExporterConfig:
+    """defaults < YAML file < environment < ``explicit``; explicit values are strings to parse (flags) when
+    ``parse_explicit``, else used as given (keyword arguments)."""
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = dataclasses.asdict(defaults or ExporterConfig())
-    problems: list[str] = []
-    config_file = getattr(namespace, "config_file", None) or env.get(ENV_PREFIX + "CONFIG_FILE")
+    base = defaults or ExporterConfig()
+    values: dict[str, Any] = {o.attr: getattr(base, o.attr) for o in OPTIONS}
+    problems = [f"unknown setting {k!r}" for k in sorted(set(explicit) - set(values))]
+    config_file = config_file or env.get(CONFIG_FILE_ENV)
     if config_file:
-        from_file, problems = _read_yaml(config_file)
+        try:
+            from_file, file_problems = _read_yaml(config_file)
+        except ConfigError as exc:
+            # An unreadable file must not hide the other problems.
+            from_file, file_problems = {}, exc.problems
         values.update(from_file)
+        problems += file_problems
+    names: dict[str, str] = {}
+    # A setting whose winning value could not be parsed is reported once, not again for the layer below it.
+    unparsed: set[str] = set()
     for opt in OPTIONS:
-        for source, raw in ((opt.env, env.get(opt.env)), (f"--{opt.flag}", getattr(namespace, opt.attr, None))):
-            if raw is None:
-                continue
-            try:
-                values[opt.attr] = _convert(opt, raw)
-            except (TypeError, ValueError) as exc:
-                problems.append(f"{source}: {exc}")
-    try:
-        config = ExporterConfig.from_kwargs(**values)
-    except ConfigError as exc:
-        problems += exc.problems
+        if opt.attr in explicit:
+            # An explicit value shadows the environment entirely, so a bad variable under it is no error,
+            # just as a bad YAML value under a variable never was.
+            source, raw, parse = f"--{opt.flag}", explicit[opt.attr], parse_explicit
+        elif opt.env in env:
+            source, raw, parse = opt.env, env[opt.env], True
+            names[opt.attr] = opt.env
+        else:
+            continue
+        if not parse:
+            values[opt.attr] = raw
+            continue
+        try:
+            values[opt.attr] = _convert(opt, raw)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{source}: {exc}")
+            unparsed.add(opt.attr)
+    problems += _check(values, names, skip=unparsed)
     if problems:
         raise ConfigError(problems)
-    return config
+    return ExporterConfig(**values)
+
+
+def _check(
+    values: Mapping[str, Any], names: Mapping[str, str] | None = None, skip: Set[str] = frozenset()
+) -> list[str]:
+    """One problem per bad value, named by its source in ``names`` or else by its YAML key."""
+    names = names or {}
+    return [
+        f"{names.get(o.attr, o.yaml)}: {err}"
+        for o in OPTIONS
+        if o.attr not in skip and (err := o.check(values[o.attr])) is not None
+    ]

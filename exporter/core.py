@@ -10,14 +10,25 @@ Design for the hot path:
   * every entry point is guarded: a failure is counted in
     ``training_exporter_collector_errors_total`` and logged once, never raised.
 
-Plain loop usage::
+Plain loop usage (settings from ``TRAINING_EXPORTER_*`` variables and the file
+they name, as for the callback; the fixed evaluation is optional, see
+:meth:`TrainingMonitor.set_evaluation`)::
 
-    monitor = TrainingMonitor(ExporterConfig(listen_address=":9945"), run_id="my-run")
-    monitor.start()
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from exporter import TrainingMonitor
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (20, 4, 16))]
+
+    monitor = TrainingMonitor(run_id="my-run", output_dir="runs/my-run")
+    monitor.start()                     # serve /metrics (default :9945)
+    monitor.describe_model(model)       # training_info: model type, adapter
     monitor.watch(model)                # forward hook: loss, tokens, logits (and drift)
-    monitor.set_evaluation(eval_set, tokenizer)  # optional: fixed evaluation (exporter.eval_runner)
-    monitor.begin(max_steps=1000)
-    for batch in loader:
+    monitor.begin(max_steps=len(batches))
+    for batch in batches:
         monitor.step_begin()
         loss = model(**batch).loss
         loss.backward()
@@ -27,7 +38,6 @@ Plain loop usage::
         monitor.after_optimizer_step()
         optimizer.zero_grad()
         monitor.step_end()
-        monitor.maybe_evaluate(model)   # every eval.interval_steps steps
     monitor.end()
 """
 
@@ -52,7 +62,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter import __version__, lifecycle
 from exporter import metrics as m
 from exporter.config import ExporterConfig
 from exporter.drift import DriftProfiler
@@ -71,6 +81,8 @@ MAX_EVAL_NAMES = 50
 # vocabulary) and at most PREDICTION_MAX_POSITIONS.
 PREDICTION_BUDGET = 2**24
 PREDICTION_MAX_POSITIONS = 1024
+# The statistics of training_statistic_unavailable{statistic}.
+_PREDICTION_SERIES = ("token_entropy", "top1_confidence", "top5_confidence")
 
 
 class PortInUseError(OSError):
@@ -120,7 +132,12 @@ class TrainingMonitor:
         local_rank: int | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        self.config = config or ExporterConfig()
+        if config is None:
+            from exporter.config import resolve_settings
+
+            # The same sources as the callback: environment, then the file it names, then defaults.
+            config = resolve_settings({})
+        self.config = config
         self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
         self.run_id = self.config.run_id or run_id
@@ -168,15 +185,23 @@ class TrainingMonitor:
         self._pending_updates: torch.Tensor | None = None
         self._pending_predictions: torch.Tensor | None = None
 
-        self._micro_losses: list[torch.Tensor] = []
-        self._micro_summed = False
-        self.loss_sum_scale = 1.0
+        # Per micro-batch of the current step: (loss as the model returned it, its label-token count or
+        # None when unknown, num_items_in_batch or None); see step_end for how they make the step loss.
+        self._micro: list[tuple[torch.Tensor, torch.Tensor | int | None, torch.Tensor | int | float | None]] = []
+        self._pending_nonfinite_grads: torch.Tensor | None = None
+        self._pending_sample_tensors: list[torch.Tensor] = []
+        self._nonfinite_grad_warned = False
+        self._loss_finite_since_flush = True
         self._ema: float | None = None
         self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
         self._recent: collections.deque[tuple[float, float, float]] = collections.deque()
 
         self._groups: ParamGroups | None = None
         self._hook: Any = None
+        # A fused LM head returns no logits: the backbone's last hidden state of a sampled forward pass.
+        self._backbone_hook: Any = None
+        self._hidden: list[torch.Tensor] = []
+        self._unavailable_seen: set[tuple[str, str]] = set()
         self._step = 0
         self._step_started: float | None = None
         self._sample_layers = False
@@ -184,6 +209,9 @@ class TrainingMonitor:
         self._sample_predictions = False
         # perf_counter() of the last sampled step per statistic (min_sample_period_seconds).
         self._last_sample = {"layers": -math.inf, "updates": -math.inf, "predictions": -math.inf}
+        # Statistics owed a sample: the first step of every process (a resumed run included) and, for
+        # update ratios, the first step whose learning rate is not 0 (warmup from 0 updates nothing).
+        self._owed = {"layers": True, "updates": True, "predictions": True}
         self._snapshot: list[torch.Tensor] | None = None
         self.export_layers = True  # False on ranks whose gradients duplicate rank 0's
         self.compute_global_grad_norm = True
@@ -249,6 +277,8 @@ class TrainingMonitor:
     def start(self) -> None:
         """Serve /metrics. A taken port is logged in one line and counted, or raised if configured."""
         self.start_collectors()
+        with self.errors.guard("http_server"):
+            lifecycle.keep_serving(self)
         if self._httpd is not None:
             return
         from prometheus_client import start_http_server
@@ -263,13 +293,20 @@ class TrainingMonitor:
             if self.config.port_in_use == "fail":
                 raise PortInUseError(message) from None
             log.error("%s; training continues without a /metrics endpoint", message)
-            self.errors.record("http_server", exc, traceback=False)
+            self.errors.record("http_server", exc, logged=True)
+            return
+        with self.errors.guard("http_server"):
+            lifecycle.watch_scrapes(self, self._httpd)
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        """Stop serving now (:meth:`end` does it once the final state has been scraped)."""
+        # Taken first: the final-scrape closer and the training thread may both stop it.
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            with self.errors.guard("http_server"):
+                lifecycle.stopped(self)
+            httpd.shutdown()
+            httpd.server_close()
         if self._gpu is not None:
             with self.errors.guard("gpu"):
                 self._gpu.close()
@@ -303,6 +340,9 @@ class TrainingMonitor:
             self._groups = ParamGroups.from_named(model.named_parameters())
             self.child(m.TRAINABLE_GROUPS).set(len(self._groups))
             self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+            backbone = _backbone(model)
+            if backbone is not None and self.config.predictions:
+                self._backbone_hook = backbone.register_forward_hook(self._backbone_forward_hook)
         if self.drift is not None:
             with self.errors.guard("drift"):
                 self.drift.attach(model)
@@ -311,6 +351,10 @@ class TrainingMonitor:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._backbone_hook is not None:
+            self._backbone_hook.remove()
+            self._backbone_hook = None
+        self._hidden.clear()
 
     def begin(self, max_steps: int | None = None, start_step: int = 0) -> None:
         with self.errors.guard("step"):
@@ -325,6 +369,13 @@ class TrainingMonitor:
 
     # -------------------------------------------------------------- hot path
 
+    def _backbone_forward_hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # Only on a sampled step, and only a reference (the tensor is alive in the graph anyway).
+        if self._sample_predictions and module.training:
+            hidden = _field(output, "last_hidden_state", 0)
+            if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+                self._hidden[:] = [hidden.detach()]
+
     def _forward_hook(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
@@ -333,24 +384,59 @@ class TrainingMonitor:
         try:
             loss = _field(output, "loss", 0)
             if isinstance(loss, torch.Tensor):
-                self._micro_losses.append(loss.detach())
-                self._micro_summed = kwargs.get("num_items_in_batch") is not None
+                count = _label_count(module, output, kwargs)
+                # A copy: the Trainer scales the returned loss in place afterwards (loss *= world size
+                # under average_tokens_across_devices), which a detached view would follow.
+                self._micro.append((loss.detach().clone(), count, kwargs.get("num_items_in_batch")))
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
+            mask = mask if isinstance(mask, torch.Tensor) else None
+            positions = kwargs.get("position_ids")
+            positions = positions if isinstance(positions, torch.Tensor) else None
             if isinstance(input_ids, torch.Tensor):
-                with self._pending_lock:
-                    self._pending_samples += input_ids.shape[0] if input_ids.dim() > 1 else 1
-                self.observe_tokens(mask.sum() if isinstance(mask, torch.Tensor) else input_ids.numel())
+                self._observe_samples(input_ids, mask, positions, kwargs.get("cu_seq_lens_q"))
+                self.observe_tokens(mask.sum() if mask is not None else input_ids.numel())
                 if self.drift is not None:
-                    self.drift.observe_forward(input_ids, mask if isinstance(mask, torch.Tensor) else None)
+                    self.drift.observe_forward(input_ids, mask, position_ids=positions)
             if self._sample_predictions:
                 self._sample_predictions = False
-                logits = _field(output, "logits", 1)
-                if isinstance(logits, torch.Tensor):
-                    with self.errors.guard("predictions"):
-                        self._observe_logits(logits, kwargs.get("labels"), mask)
+                with self.errors.guard("predictions"):
+                    self._observe_predictions(module, output, kwargs.get("labels"), mask)
+                self._hidden.clear()
         except Exception as exc:
             self.errors.record("hook", exc)
+
+    def _observe_samples(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cu_seq_lens: Any
+    ) -> None:
+        """Count the sequences of a batch, packed ones included, without a device->host sync.
+
+        A padding-free (packed) batch is one row of several sequences: the
+        batch says where they start, by ``cu_seq_lens_q`` (its length is known
+        on the host) or by ``position_ids`` restarting at 0 (counted on the
+        device; padding slots, where a mask marks them, are not starts). A
+        padded batch is one sequence per row, which the position ids agree with.
+        """
+        if isinstance(cu_seq_lens, torch.Tensor) and cu_seq_lens.dim() == 1 and cu_seq_lens.numel() > 1:
+            with self._pending_lock:
+                self._pending_samples += cu_seq_lens.numel() - 1
+            return
+        if positions is not None and positions.shape == input_ids.shape and positions.dim() == 2:
+            starts = positions == 0
+            if mask is not None and mask.shape == starts.shape:
+                starts = starts & (mask != 0)
+            else:
+                # Padding-free rows padded to a multiple (pad_to_multiple_of) carry position id 0 on every
+                # padding slot: slots after a row's last non-zero position id are padding, not sequences
+                # (as the drift profile reads them; a one-token sequence there has no loss token anyway).
+                index = torch.arange(positions.shape[1], device=positions.device)
+                last = (index * (positions != 0)).amax(1, keepdim=True)
+                starts = starts & (index <= last)
+            with self._pending_lock:
+                self._pending_sample_tensors.append(starts.sum())
+            return
+        with self._pending_lock:
+            self._pending_samples += input_ids.shape[0] if input_ids.dim() > 1 else 1
 
     def observe_tokens(self, tokens: torch.Tensor | int) -> None:
         """Add non-padding tokens; a device tensor is accumulated on the device and read at export."""
@@ -361,18 +447,48 @@ class TrainingMonitor:
             else:
                 self._pending_token_count += int(tokens)
 
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
-        """Record the loss of the current step directly (for loops whose model returns no .loss)."""
+    def observe_loss(self, loss: torch.Tensor | float, tokens: torch.Tensor | int | None = None) -> None:
+        """Record a loss of the current step directly (for loops whose model returns no ``.loss``).
+
+        Call it once per micro-batch; ``tokens``, the micro-batch's count of
+        loss tokens, weights the step loss by tokens as the trainers do
+        (without it the micro-batch losses are averaged).
+        """
         t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        self._micro_losses.append(t)
-        self._micro_summed = False
+        self._micro.append((t, tokens, None))
 
     def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
         """Global pre-clip gradient norm; a tensor (e.g. clip_grad_norm_'s result) is read at export."""
         with self._pending_lock:
             self._pending_grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else float(norm)
 
-    def _observe_logits(self, logits: torch.Tensor, labels: Any, mask: Any) -> None:
+    def _observe_predictions(self, module: torch.nn.Module, output: Any, labels: Any, mask: Any) -> None:
+        """Entropy and confidence from the output's logits, or, where a fused LM head returns none (TRL's
+        ``fused_lm_head=True``: per-token log-probabilities instead), from the backbone's last hidden state
+        projected through the output embedding at the same bounded sample of labelled positions."""
+        logits = _field(output, "logits", 1)
+        if isinstance(logits, torch.Tensor):
+            self._observe_logits(logits, labels, mask)
+            return
+        hidden = self._hidden[0] if self._hidden else None
+        head = _output_embedding(module)
+        if hidden is None or head is None:
+            self._unavailable("predictions", "no_logits",
+                              "the model's output has no logits and no hidden state to project")
+            return
+        self._observe_logits(hidden, labels, mask, head=head)
+
+    def _unavailable(self, statistic: str, reason: str, why: str) -> None:
+        key = (statistic, reason)
+        if key not in self._unavailable_seen:
+            self._unavailable_seen.add(key)
+            log.warning("training-exporter: %s not exported: %s", statistic, why)
+            for name in _PREDICTION_SERIES:
+                self.child(m.STATISTIC_UNAVAILABLE, name, reason).set(1)
+
+    def _observe_logits(
+        self, logits: torch.Tensor, labels: Any, mask: Any, head: torch.nn.Module | None = None
+    ) -> None:
         """Entropy and top-1 / top-5 confidence over a bounded number of labelled positions.
 
         Fixed-size on purpose: a boolean-mask selection would need a device->host
@@ -382,8 +498,10 @@ class TrainingMonitor:
         ones and has a static shape; unlabelled picks get weight 0.
         """
         with torch.no_grad():
-            vocab = logits.shape[-1]
-            flat = logits.reshape(-1, vocab)
+            # With a head, ``logits`` are hidden states: only the drawn rows are projected, so the cost is
+            # that of the drawn positions, not of the sequence (what a fused head exists to avoid).
+            vocab = logits.shape[-1] if head is None else _head_vocab(head)
+            flat = logits.reshape(-1, logits.shape[-1])
             if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
                 # Causal LM: the logits at position t predict the label at t+1.
                 keep = torch.nn.functional.pad(labels[..., 1:] != -100, (0, 1)).reshape(-1).float()
@@ -398,6 +516,8 @@ class TrainingMonitor:
                 score = torch.rand(keep.shape, device=keep.device).mul_(0.5).add_(keep)
                 top_score, idx = score.topk(positions)
                 weight, rows = (top_score >= 1.0).float(), flat.index_select(0, idx)
+            if head is not None:
+                rows = head(rows)
             # x - logsumexp(x) rather than log_softmax: the same values, and on a
             # CPU less than half the time for the small rows sampled here.
             logp = rows.float()
@@ -417,12 +537,18 @@ class TrainingMonitor:
             self._step_started = time.perf_counter()
             n = self._step + 1
             cfg = self.config
+            owed = self._owed
             self._sample_layers = self._sample_due(
-                "layers", cfg.layers and self.export_layers and _due(n, cfg.layers_interval))
+                "layers", cfg.layers and self.export_layers and (owed["layers"] or n % cfg.layers_interval == 0))
             self._sample_updates = self._sample_due(
-                "updates", cfg.update_ratio and self.export_layers and _due(n, cfg.update_ratio_interval))
+                "updates", cfg.update_ratio and self.export_layers
+                and (owed["updates"] or n % cfg.update_ratio_interval == 0))
             self._sample_predictions = self._sample_due(
-                "predictions", cfg.predictions and _due(n, cfg.predictions_interval))
+                "predictions", cfg.predictions and (owed["predictions"] or n % cfg.predictions_interval == 0))
+            if self._sample_layers:
+                owed["layers"] = False
+            if self._sample_predictions:
+                owed["predictions"] = False
         except Exception as exc:
             self.errors.record("step", exc)
 
@@ -444,18 +570,33 @@ class TrainingMonitor:
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after backward (and clipping), before ``optimizer.step()``."""
+        lr_zero = False
         if optimizer is not None:
             with self.errors.guard("step"):
                 lr = optimizer.param_groups[0]["lr"]
                 self.child(m.LEARNING_RATE).set(float(lr))
+                # A host value (a tensor lr would be read on the host here, so only plain numbers count).
+                lr_zero = all(isinstance(g.get("lr"), (int, float)) and g["lr"] == 0 for g in optimizer.param_groups)
+        if self._sample_updates:
+            if lr_zero:
+                # Warmup from 0: this update is nothing, a sample of it would show 0 until the next one.
+                self._sample_updates = False
+                self._owed["updates"] = True
+                self._last_sample["updates"] = -math.inf  # nothing was sampled: no period to wait
+            else:
+                self._owed["updates"] = False
         groups = self._groups
         if groups is None or len(groups) == 0:
             return
         if self._sample_layers:
             with self.errors.guard("gradients"):
                 norms = groups.grouped_norms([p.grad for p in groups.params])
+                # Every sampled step counts, not only the newest before a read: summed on the device.
+                bad = (~torch.isfinite(norms)).any().long()
                 with self._pending_lock:
                     self._pending_grads = norms
+                    prev = self._pending_nonfinite_grads
+                    self._pending_nonfinite_grads = bad if prev is None else prev + bad.to(prev.device)
                     # Without a norm from the loop (clip_grad_norm_'s result or the
                     # Trainer's logs) the sampled per-group norms give the global one.
                     if self.compute_global_grad_norm and self._pending_grad_norm is None:
@@ -494,14 +635,9 @@ class TrainingMonitor:
             if epoch is not None:
                 self.child(m.EPOCH).set(epoch)
             self.child(m.LAST_STEP_TIME).set(time.time())
-            micro, self._micro_losses = self._micro_losses, []
+            micro, self._micro = self._micro, []
             if micro:
-                if len(micro) == 1 and not (self._micro_summed and self.loss_sum_scale != 1.0):
-                    # The common case costs no device op at all.
-                    step_loss = micro[0]
-                else:
-                    stacked = torch.stack([t.reshape(()).to(micro[0].device) for t in micro])
-                    step_loss = stacked.sum() * self.loss_sum_scale if self._micro_summed else stacked.mean()
+                step_loss = _step_loss(micro)
                 with self._pending_lock:
                     self._pending_losses.append(step_loss)
                     self._pending_loss_times.append(time.monotonic())
@@ -526,17 +662,22 @@ class TrainingMonitor:
                 gnorm, self._pending_grad_norm = self._pending_grad_norm, None
                 updates, self._pending_updates = self._pending_updates, None
                 preds, self._pending_predictions = self._pending_predictions, None
+                nonfinite, self._pending_nonfinite_grads = self._pending_nonfinite_grads, None
+                sample_counts, self._pending_sample_tensors = self._pending_sample_tensors, []
             try:
+                losses_finite = True
                 if losses:
-                    self._export_losses(
-                        torch.stack([t.reshape(()).to(losses[0].device) for t in losses]).double().tolist(),
-                        loss_times,
-                    )
+                    loss_values = torch.stack([t.reshape(()).to(losses[0].device) for t in losses]).double().tolist()
+                    losses_finite = all(math.isfinite(v) for v in loss_values)
+                    self._export_losses(loss_values, loss_times)
                 self._export_recent_max()
                 if tokens:
                     token_count += int(torch.stack([t.reshape(()).to(tokens[0].device) for t in tokens]).sum())
                 if token_count:
                     self.child(m.TOKENS).inc(token_count)
+                if sample_counts:
+                    samples += int(torch.stack([t.reshape(()).to(sample_counts[0].device)
+                                                for t in sample_counts]).sum())
                 if samples:
                     self.child(m.SAMPLES).inc(samples)
                 if gnorm is not None:
@@ -546,8 +687,11 @@ class TrainingMonitor:
                     for (layer, module), v in zip(self._groups.labels, values, strict=True):
                         self.child(m.LAYER_GRAD_NORM, layer, module).set(v)
                     self.child(m.DEAD_LAYERS).set(sum(1 for v in values if v == 0.0))
-                    if any(not math.isfinite(v) for v in values):
-                        self.child(m.NONFINITE_GRADIENTS).inc()
+                if nonfinite is not None:
+                    bad = int(nonfinite)
+                    if bad:
+                        self.child(m.NONFINITE_GRADIENTS).inc(bad)
+                        self._warn_nonfinite_gradients(losses_finite)
                 if updates is not None and self._groups is not None:
                     for (layer, module), v in zip(self._groups.labels, updates.tolist(), strict=True):
                         self.child(m.UPDATE_RATIO, layer, module).set(v)
@@ -559,6 +703,16 @@ class TrainingMonitor:
                         self.child(m.TOP5_CONFIDENCE).set(sum(top) / positions)
             except Exception as exc:
                 self.errors.record("flush", exc)
+
+    def _warn_nonfinite_gradients(self, losses_finite: bool) -> None:
+        if self._nonfinite_grad_warned or not losses_finite:
+            return
+        self._nonfinite_grad_warned = True
+        # The loss metrics are the model's own loss (its forward's output); a loss computed or changed after
+        # the forward (a subclassed compute_loss, compute_loss_func) is not seen by them.
+        log.warning("training-exporter: non-finite gradients while the model's loss was finite: the loss that "
+                    "was backpropagated is not the model's output (custom compute_loss?); counted in "
+                    "training_nonfinite_gradients_total, the loss metrics show the model's loss")
 
     def _export_losses(self, values: list[float], times: list[float]) -> None:
         alpha = self.config.ema_alpha
@@ -685,7 +839,9 @@ class TrainingMonitor:
             self.child(m.STATE, s).set(1 if s == state else 0)
 
     def end(self, state: str = "completed", linger: bool = True) -> None:
-        """Mark the run finished, export what is pending, optionally linger, stop serving."""
+        """Mark the run finished, export what is pending, optionally linger (``web.linger_seconds``, blocking),
+        then return while the endpoint serves on in the background until the final state has been scraped
+        (``web.final_scrape_timeout_seconds`` at most; see :mod:`exporter.lifecycle`)."""
         if self._ended:
             return
         self._ended = True
@@ -697,14 +853,23 @@ class TrainingMonitor:
             self.flush()
             self._set_state(state)
             self.unwatch()
+        with self.errors.guard("http_server"):
+            lifecycle.final_state_set(self)
         if linger and self.config.linger_seconds > 0 and self._httpd is not None:
             log.info("training-exporter: serving final values for %.0f s", self.config.linger_seconds)
             time.sleep(self.config.linger_seconds)
-        self.stop()
+        try:
+            lifecycle.close_when_read(self, self.config.final_scrape_timeout_seconds)
+        except Exception as exc:
+            self.errors.record("http_server", exc)
+            self.stop()
 
     def _install_crash_handlers(self) -> None:
         # A crash must be visible: the state turns to "crashed" before the
-        # process exits (and stays scrapeable during the linger time).
+        # process exits (and stays scrapeable until it is scraped). So must a
+        # scheduler's SIGTERM: state "terminated" (exporter.lifecycle).
+        with self.errors.guard("step"):
+            lifecycle.handle_sigterm(self)
         if self._atexit_registered:
             return
         self._atexit_registered = True
@@ -735,8 +900,83 @@ class TrainingMonitor:
         self.end("crashed" if tp is not None else "completed")
 
 
-def _due(step: int, interval: int) -> bool:
-    return step == 1 or step % interval == 0
+def _step_loss(
+    micro: list[tuple[torch.Tensor, torch.Tensor | int | None, torch.Tensor | int | float | None]],
+) -> torch.Tensor:
+    """The step's loss from its micro-batches: this process's mean over its own loss tokens.
+
+    That is how the trainers weight a step (the Trainer divides the summed
+    token losses of all micro-batches by their token count, TRL's SFTTrainer
+    likewise). A micro-batch loss the model divided by ``num_items_in_batch``
+    (the tokens of the whole step, of every rank under
+    ``average_tokens_across_devices``) times that number is its own token sum;
+    a plain per-micro-batch mean times its token count is too. Dividing by
+    this process's own token count gives its token mean, whatever the other
+    ranks saw. Device ops only; a single micro-batch with its own mean needs none.
+    """
+    if len(micro) == 1 and micro[0][2] is None:
+        return micro[0][0]
+    if all(count is not None for _, count, _ in micro):
+        device = micro[0][0].device
+        sums, counts = [], []
+        for loss, count, items in micro:
+            weight = count if items is None else items
+            c = torch.as_tensor(count, device=device).reshape(()).to(torch.float64)
+            total = loss.reshape(()).to(device, torch.float64) * torch.as_tensor(weight, device=device).reshape(())
+            # A micro-batch without loss tokens adds nothing (its own loss may be 0 / 0).
+            sums.append(torch.where(c > 0, total, torch.zeros((), dtype=torch.float64, device=device)))
+            counts.append(c)
+        n = torch.stack(counts).sum()
+        return torch.where(n > 0, torch.stack(sums).sum() / n.clamp_min(1), torch.stack(sums).sum())
+    # Loss tokens unknown (no labels seen): the plain mean of the micro-batch losses.
+    return torch.stack([t.reshape(()).to(micro[0][0].device) for t, _, _ in micro]).mean()
+
+
+def _label_count(module: torch.nn.Module, output: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | int | None:
+    """The number of loss tokens of a micro-batch, as a device tensor (never read here), or None if unknown.
+
+    TRL's fused head returns its own ``label_mask``. A causal LM's loss is over
+    the labels shifted by one (``shift_labels`` when the caller shifted them);
+    an encoder-decoder's over its labels; a sequence classifier's over its rows.
+    """
+    label_mask = _field(output, "label_mask", -1)
+    if isinstance(label_mask, torch.Tensor):
+        return label_mask.sum()
+    shifted = kwargs.get("shift_labels")
+    if isinstance(shifted, torch.Tensor):
+        return (shifted != -100).sum()
+    labels = kwargs.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        return None
+    if labels.dim() == 1:
+        return labels.numel()
+    if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+        return (labels != -100).sum()
+    return (labels[..., 1:] != -100).sum()
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformer under a (peft-wrapped) causal LM, whose last hidden state a fused head projects."""
+    inner = model
+    get_base = getattr(inner, "get_base_model", None)
+    if callable(get_base):
+        inner = get_base()
+    prefix = getattr(inner, "base_model_prefix", "")
+    backbone = getattr(inner, prefix, None) if prefix else None
+    return backbone if isinstance(backbone, torch.nn.Module) and backbone is not inner else None
+
+
+def _output_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def _head_vocab(head: torch.nn.Module) -> int:
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    return int(getattr(head, "out_features", 1))
 
 
 def _field(output: Any, name: str, index: int) -> Any:

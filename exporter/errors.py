@@ -27,14 +27,15 @@ class ErrorTracker:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
-    def record(self, collector: str, exc: BaseException, traceback: bool = True) -> None:
+    def record(self, collector: str, exc: BaseException, traceback: bool = True, logged: bool = False) -> None:
+        """Count a failure; log it if it is the collector's first, unless the caller ``logged`` it already."""
         try:
             if self._counter is not None:
                 self._counter.labels(**self._const, collector=collector).inc()
             with self._lock:
                 first = collector not in self._seen
                 self._seen.add(collector)
-            if first:
+            if first and not logged:
                 log.warning(
                     "training-exporter: collector %r failed (%s: %s); training continues, "
                     "further failures are only counted",

@@ -67,7 +67,9 @@ STATE = _g(
     "1 for the current state of the run, 0 for the others.",
     labels=("state",),
 )
-STATES = ("idle", "training", "paused", "completed", "crashed")
+# Final states: completed (a normal end), crashed (an unhandled exception), terminated (SIGTERM, see
+# exporter.lifecycle); the alerts on a vanished target spare completed and terminated runs.
+STATES = ("idle", "training", "paused", "completed", "crashed", "terminated")
 STEP = _g("training_step", "Optimizer steps completed (Trainer global_step).")
 MAX_STEPS = _g("training_max_steps", "Optimizer steps the run is scheduled to take.")
 EPOCH = _g("training_epoch", "Fractional epoch reached.")
@@ -144,6 +146,12 @@ TOP5_CONFIDENCE = _g(
     "training_top5_confidence_ratio",
     "Mean probability mass of the five most likely tokens over labelled positions of a sampled batch.",
     unit="ratio",
+)
+STATISTIC_UNAVAILABLE = _g(
+    "training_statistic_unavailable",
+    "1 for a statistic this model's outputs do not allow (reason no_logits: neither logits nor a hidden "
+    "state to project); the statistic's own series is then absent.",
+    labels=("statistic", "reason"),
 )
 
 EVAL_LOSS = _g("training_eval_loss", "Loss of the last evaluation.")

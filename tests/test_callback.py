@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from exporter import PrometheusCallback
 from exporter.collectors.host import HostCollector
+from exporter.config import ConfigError, ExporterConfig
 from exporter.demo import build_trainer
 
 MAX_STEPS = 16
@@ -224,3 +225,103 @@ def test_step_loss_matches_the_trainers_own_loss(tmp_path: Path, accumulation: i
     assert len(losses) == 3
     # Trainer logs round to 4 significant digits in 5.x; the exporter keeps full precision.
     assert all(abs(d) < 1e-3 for d in losses), losses
+
+
+def test_environment_applies_to_the_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAINING_EXPORTER_LOSS_EMA_ALPHA", "0.25")
+    monkeypatch.setenv("TRAINING_EXPORTER_COLLECTOR_GPU", "false")
+    monkeypatch.setenv("TRAINING_EXPORTER_LABEL", "team=nlp,zone=b")
+    monkeypatch.setenv("TRAINING_EXPORTER_WEB_PORT_IN_USE", "fail")
+    cfg = PrometheusCallback().config
+    assert (cfg.ema_alpha, cfg.gpu, cfg.labels, cfg.port_in_use) == (0.25, False, {"team": "nlp", "zone": "b"}, "fail")
+    assert cfg.host and cfg.layers_interval == 10
+
+
+def test_config_file_named_by_the_environment_applies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "exporter.yml"
+    f.write_text("collectors:\n  update_ratio: false\nintervals:\n  layers_steps: 20\nlabels:\n  team: nlp\n")
+    monkeypatch.setenv("TRAINING_EXPORTER_CONFIG_FILE", str(f))
+    cfg = PrometheusCallback().config
+    assert (cfg.update_ratio, cfg.layers_interval, cfg.labels) == (False, 20, {"team": "nlp"})
+    assert cfg.predictions and cfg.ema_alpha == 0.1
+
+
+def test_explicit_beats_environment_beats_file_beats_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "exporter.yml"
+    f.write_text("loss:\n  ema_alpha: 0.3\nintervals:\n  layers_steps: 7\nrun_id: from-file\n"
+                 "labels:\n  team: file\n")
+    monkeypatch.setenv("TRAINING_EXPORTER_CONFIG_FILE", str(f))
+
+    def got() -> tuple[Any, ...]:
+        c = cb.config
+        return c.ema_alpha, c.layers_interval, c.run_id, c.labels, c.variance_window
+
+    cb = PrometheusCallback()
+    assert got() == (0.3, 7, "from-file", {"team": "file"}, 50)
+    monkeypatch.setenv("TRAINING_EXPORTER_LOSS_EMA_ALPHA", "0.2")
+    monkeypatch.setenv("TRAINING_EXPORTER_LAYERS_INTERVAL_STEPS", "5")
+    monkeypatch.setenv("TRAINING_EXPORTER_LABEL", "team=env")
+    cb = PrometheusCallback()
+    assert got() == (0.2, 5, "from-file", {"team": "env"}, 50)
+    cb = PrometheusCallback(ema_alpha=0.5, labels={"team": "kwarg", "zone": "a"})
+    # Each setting from its highest layer: argument, environment, file, default.
+    assert got() == (0.5, 5, "from-file", {"team": "kwarg", "zone": "a"}, 50)
+
+
+def test_bad_values_from_every_source_in_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "exporter.yml"
+    f.write_text("collectors:\n  gpu: maybe\n  nvme: true\n")
+    monkeypatch.setenv("TRAINING_EXPORTER_CONFIG_FILE", str(f))
+    monkeypatch.setenv("TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW", "many")
+    monkeypatch.setenv("TRAINING_EXPORTER_RANKS", "some")
+    # Overridden by the argument below, so not an error.
+    monkeypatch.setenv("TRAINING_EXPORTER_LOSS_EMA_ALPHA", "lots")
+    with pytest.raises(ConfigError) as err:
+        PrometheusCallback(ema_alpha=0.5, layers_interval=0, emma_alpha=0.1)
+    assert err.value.problems == [
+        "unknown setting 'emma_alpha'",
+        "unknown key 'collectors.nvme'",
+        "TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW: invalid literal for int() with base 10: 'many'",
+        "TRAINING_EXPORTER_RANKS: must be one of zero, all, got 'some'",
+        "collectors.gpu: must be true or false, got 'maybe'",
+        "intervals.layers_steps: must be an integer >= 1, got 0",
+    ]
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("invalid configuration: unknown setting 'emma_alpha'; ")
+
+
+def test_config_object_is_explicit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "exporter.yml"
+    f.write_text("intervals:\n  layers_steps: 7\n")
+    monkeypatch.setenv("TRAINING_EXPORTER_CONFIG_FILE", str(f))
+    monkeypatch.setenv("TRAINING_EXPORTER_LOSS_EMA_ALPHA", "0.2")
+    monkeypatch.setenv("TRAINING_EXPORTER_RUN_ID", "from-env")
+    built = ExporterConfig(ema_alpha=0.05, gpu=False)
+    assert PrometheusCallback(built).config == built  # neither the environment nor the file is read
+    assert PrometheusCallback(config=built, run_id="mine").config == ExporterConfig(ema_alpha=0.05, gpu=False,
+                                                                                     run_id="mine")
+    with pytest.raises(ConfigError) as err:
+        PrometheusCallback(ExporterConfig(ema_alpha=5.0), emma_alpha=0.1)
+    assert err.value.problems == ["unknown setting 'emma_alpha'", "loss.ema_alpha: must be a number in (0, 1], got 5.0"]
+
+
+def test_settings_from_the_environment_reach_the_live_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRAINING_EXPORTER_RUN_ID", "env-run")
+    monkeypatch.setenv("TRAINING_EXPORTER_LABEL", "team=nlp")
+    monkeypatch.setenv("TRAINING_EXPORTER_WEB_LISTEN_ADDRESS", "127.0.0.1:0")
+    monkeypatch.setenv("TRAINING_EXPORTER_LOSS_EMA_ALPHA", "1")
+    cb = PrometheusCallback(gpu=False, host=False)
+    probe = Probe(cb, {2})
+    trainer = build_trainer([cb, probe], output_dir=str(tmp_path / "out"), max_steps=4, save_strategy="no",
+                            per_device_train_batch_size=4, disable_tqdm=True)
+    trainer.train()
+    # Served on the free port the environment's address asked for.
+    assert value(probe.pages[2], "training_step", run_id="env-run", team="nlp") == 2.0
+    assert cb.monitor is not None
+    reg = cb.monitor.registry
+    labels = {"run_id": "env-run", "team": "nlp"}
+    assert reg.get_sample_value("training_step", labels) == 4.0
+    assert reg.get_sample_value("training_step", {"run_id": "out"}) is None  # not derived from the output dir
+    # With alpha 1 the EMA is the newest loss; the default 0.1 would lag behind it.
+    loss = reg.get_sample_value("training_loss", labels)
+    assert loss is not None and reg.get_sample_value("training_loss_ema", labels) == loss

@@ -18,6 +18,7 @@ from exporter.config import (
     load_yaml,
     parse_listen_address,
     resolve,
+    resolve_settings,
 )
 
 
@@ -88,6 +89,56 @@ def test_unknown_kwarg_rejected() -> None:
 def test_bad_env_value_named() -> None:
     with pytest.raises(ConfigError, match="TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW"):
         parse([], {"TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW": "many"})
+
+
+def test_bad_env_value_that_parses_is_named_by_its_variable() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse([], {"TRAINING_EXPORTER_LOSS_EMA_ALPHA": "2"})
+    assert err.value.problems == ["TRAINING_EXPORTER_LOSS_EMA_ALPHA: must be a number in (0, 1], got 2.0"]
+
+
+def test_env_value_under_an_explicit_one_is_not_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("loss:\n  ema_alpha: 7\n")  # bad, but under the environment and the explicit value
+    env = {"TRAINING_EXPORTER_LOSS_EMA_ALPHA": "lots", "TRAINING_EXPORTER_LOSS_VARIANCE_WINDOW": "0",
+           "TRAINING_EXPORTER_CONFIG_FILE": str(f)}
+    # The command line and keyword arguments agree: only the value that wins is checked.
+    assert parse(["--loss.ema-alpha", "0.5", "--loss.variance-window", "9"], env).ema_alpha == 0.5
+    cfg = resolve_settings({"ema_alpha": 0.5, "variance_window": 9}, environ=env)
+    assert (cfg.ema_alpha, cfg.variance_window) == (0.5, 9)
+    with pytest.raises(ConfigError) as err:
+        resolve_settings({"variance_window": 9}, environ=env)
+    assert err.value.problems == ["TRAINING_EXPORTER_LOSS_EMA_ALPHA: could not convert string to float: 'lots'"]
+
+
+def test_flag_that_does_not_parse_is_reported_once(tmp_path: Path) -> None:
+    f = tmp_path / "c.yml"
+    f.write_text("intervals:\n  layers_steps: 0\n")
+    env = {"TRAINING_EXPORTER_LAYERS_INTERVAL_STEPS": "-1"}
+    with pytest.raises(ConfigError) as err:
+        parse(["--config.file", str(f), "--layers.interval-steps", "ten"], env)
+    assert err.value.problems == ["--layers.interval-steps: invalid literal for int() with base 10: 'ten'"]
+
+
+def test_unreadable_config_file_joins_the_other_problems(tmp_path: Path) -> None:
+    env = {"TRAINING_EXPORTER_CONFIG_FILE": str(tmp_path / "missing.yml"), "TRAINING_EXPORTER_RANKS": "some"}
+    with pytest.raises(ConfigError) as err:
+        resolve_settings({"emma_alpha": 0.1}, environ=env)
+    problems = err.value.problems
+    assert problems[0] == "unknown setting 'emma_alpha'"
+    assert problems[1].startswith(f"cannot read config file {str(tmp_path / 'missing.yml')!r}")
+    assert problems[2:] == ["TRAINING_EXPORTER_RANKS: must be one of zero, all, got 'some'"]
+
+
+def test_from_kwargs_and_replace_list_unknown_and_bad_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        ExporterConfig.from_kwargs(emma_alpha=0.1, layers_interval=0)
+    assert err.value.problems == ["unknown setting 'emma_alpha'",
+                                  "intervals.layers_steps: must be an integer >= 1, got 0"]
+    with pytest.raises(ConfigError) as err:
+        ExporterConfig(run_id="r").replace(gpus=False, ranks="some")
+    assert err.value.problems == ["unknown setting 'gpus'", "ranks: must be one of zero, all, got 'some'"]
+    assert ExporterConfig(run_id="r").replace(gpu=False) == ExporterConfig(run_id="r", gpu=False)
 
 
 @pytest.mark.parametrize(
