@@ -24,7 +24,7 @@ from exporter.advisor.analysis import Alert, RunData, Series, Waiting
 MAX_POINTS = 3000
 DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-STATE_PRIORITY = {"crashed": 0, "training": 1, "paused": 2, "completed": 3, "idle": 4}
+STATE_PRIORITY = {"crashed": 0, "terminated": 1, "training": 2, "paused": 3, "completed": 4, "idle": 5}
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 

@@ -51,7 +51,7 @@ UNIT_CELSIUS = "celsius"
 UNIT_WATTS = "watt"
 UNIT_NATS = "suffix: nats"
 
-GREEN, YELLOW, RED, BLUE, GREY = "green", "yellow", "red", "blue", "text"
+GREEN, YELLOW, RED, BLUE, GREY, ORANGE = "green", "yellow", "red", "blue", "text", "orange"
 
 
 def sel(metric: str, *matchers: str) -> str:

@@ -8,6 +8,7 @@ from .common import (
     BLUE,
     GREEN,
     GREY,
+    ORANGE,
     RED,
     UNIT_CELSIUS,
     UNIT_NONE,
@@ -52,7 +53,7 @@ def build() -> Any:
         w=3, show_name=True, background=True, steps=((None, GREY),),
     )
     for name, color in (("training", GREEN), ("completed", BLUE), ("paused", YELLOW), ("crashed", RED),
-                        ("idle", GREY)):
+                        ("terminated", ORANGE), ("idle", GREY)):
         state = state.override_by_name(name, [fixed_color(color)])
     dash = dash.with_panel(state)
     dash = dash.with_panel(stat_panel(
