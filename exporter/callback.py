@@ -136,6 +136,8 @@ class PrometheusCallback(TrainerCallback):
         if mon is None or not self._active:
             return
         self._call("http_server", "start")
+        # With average_tokens_across_devices the model divides by every rank's token count.
+        mon.items_are_local = not (args.average_tokens_across_devices and args.world_size > 1)
         if model is not None:
             self._call("hook", "describe_model", model)
             self._call("hook", "watch", model)

@@ -185,9 +185,12 @@ class TrainingMonitor:
         self._pending_updates: torch.Tensor | None = None
         self._pending_predictions: torch.Tensor | None = None
 
-        # Per micro-batch of the current step: (loss as the model returned it, its label-token count or
-        # None when unknown, num_items_in_batch or None); see step_end for how they make the step loss.
-        self._micro: list[tuple[torch.Tensor, torch.Tensor | int | None, torch.Tensor | int | float | None]] = []
+        # Per micro-batch of the current step: (loss as the model returned it, what its loss-token count is
+        # taken from, num_items_in_batch or None); see _step_loss for how they make the step loss.
+        self._micro: list[tuple[torch.Tensor, _Tokens, torch.Tensor | int | float | None]] = []
+        # Whether a num_items_in_batch the model sees counts this process's tokens only; False under DDP
+        # with the Trainer's average_tokens_across_devices, where it counts every rank's (set by the callback).
+        self.items_are_local = True
         self._pending_nonfinite_grads: torch.Tensor | None = None
         self._pending_sample_tensors: list[torch.Tensor] = []
         self._nonfinite_grad_warned = False
@@ -384,10 +387,11 @@ class TrainingMonitor:
         try:
             loss = _field(output, "loss", 0)
             if isinstance(loss, torch.Tensor):
-                count = _label_count(module, output, kwargs)
-                # A copy: the Trainer scales the returned loss in place afterwards (loss *= world size
-                # under average_tokens_across_devices), which a detached view would follow.
-                self._micro.append((loss.detach().clone(), count, kwargs.get("num_items_in_batch")))
+                count = _label_source(module, output, kwargs)
+                # Under average_tokens_across_devices the Trainer scales the returned loss in place afterwards
+                # (loss *= world size), which a detached view would follow: a copy then.
+                kept = loss.detach() if self.items_are_local else loss.detach().clone()
+                self._micro.append((kept, count, kwargs.get("num_items_in_batch")))
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
             mask = mask if isinstance(mask, torch.Tensor) else None
@@ -455,7 +459,7 @@ class TrainingMonitor:
         (without it the micro-batch losses are averaged).
         """
         t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        self._micro.append((t, tokens, None))
+        self._micro.append((t, None if tokens is None else ("count", tokens), None))
 
     def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
         """Global pre-clip gradient norm; a tensor (e.g. clip_grad_norm_'s result) is read at export."""
@@ -637,7 +641,7 @@ class TrainingMonitor:
             self.child(m.LAST_STEP_TIME).set(time.time())
             micro, self._micro = self._micro, []
             if micro:
-                step_loss = _step_loss(micro)
+                step_loss = _step_loss(micro, self.items_are_local)
                 with self._pending_lock:
                     self._pending_losses.append(step_loss)
                     self._pending_loss_times.append(time.monotonic())
@@ -900,8 +904,14 @@ class TrainingMonitor:
         self.end("crashed" if tp is not None else "completed")
 
 
+# Where a micro-batch's loss-token count comes from, read only when the step loss needs it: ("count", n),
+# ("mask", a 0/1 tensor to sum), ("labels", labels whose non -100 entries count), ("shifted", causal labels
+# whose positions 1.. count), or None when unknown.
+_Tokens = tuple[str, Any] | None
+
+
 def _step_loss(
-    micro: list[tuple[torch.Tensor, torch.Tensor | int | None, torch.Tensor | int | float | None]],
+    micro: list[tuple[torch.Tensor, _Tokens, torch.Tensor | int | float | None]], items_are_local: bool = True
 ) -> torch.Tensor:
     """The step's loss from its micro-batches: this process's mean over its own loss tokens.
 
@@ -912,47 +922,63 @@ def _step_loss(
     ``average_tokens_across_devices``) times that number is its own token sum;
     a plain per-micro-batch mean times its token count is too. Dividing by
     this process's own token count gives its token mean, whatever the other
-    ranks saw. Device ops only; a single micro-batch with its own mean needs none.
+    ranks saw. Device ops only, and none for one micro-batch whose loss is
+    already its own token mean (the common case).
     """
-    if len(micro) == 1 and micro[0][2] is None:
+    if len(micro) == 1 and (micro[0][2] is None or items_are_local):
         return micro[0][0]
-    if all(count is not None for _, count, _ in micro):
+    counts = [_token_count(source) for _, source, _ in micro]
+    if all(c is not None for c in counts):
         device = micro[0][0].device
-        sums, counts = [], []
-        for loss, count, items in micro:
-            weight = count if items is None else items
+        sums, ns = [], []
+        for (loss, _, items), count in zip(micro, counts, strict=True):
             c = torch.as_tensor(count, device=device).reshape(()).to(torch.float64)
-            total = loss.reshape(()).to(device, torch.float64) * torch.as_tensor(weight, device=device).reshape(())
+            weight = c if items is None else torch.as_tensor(items, device=device).reshape(())
+            total = loss.reshape(()).to(device, torch.float64) * weight
             # A micro-batch without loss tokens adds nothing (its own loss may be 0 / 0).
             sums.append(torch.where(c > 0, total, torch.zeros((), dtype=torch.float64, device=device)))
-            counts.append(c)
-        n = torch.stack(counts).sum()
-        return torch.where(n > 0, torch.stack(sums).sum() / n.clamp_min(1), torch.stack(sums).sum())
+            ns.append(c)
+        n, summed = torch.stack(ns).sum(), torch.stack(sums).sum()
+        return torch.where(n > 0, summed / n.clamp_min(1), summed)
     # Loss tokens unknown (no labels seen): the plain mean of the micro-batch losses.
     return torch.stack([t.reshape(()).to(micro[0][0].device) for t, _, _ in micro]).mean()
 
 
-def _label_count(module: torch.nn.Module, output: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | int | None:
-    """The number of loss tokens of a micro-batch, as a device tensor (never read here), or None if unknown.
+def _token_count(source: _Tokens) -> torch.Tensor | int | None:
+    if source is None:
+        return None
+    kind, value = source
+    if kind == "count":
+        return value
+    if kind == "mask":
+        return value.sum()
+    if kind == "labels":
+        return (value != -100).sum()
+    return (value[..., 1:] != -100).sum()
+
+
+def _label_source(module: torch.nn.Module, output: Any, kwargs: Mapping[str, Any]) -> _Tokens:
+    """Where the loss-token count of a micro-batch comes from (no device op here; see _token_count).
 
     TRL's fused head returns its own ``label_mask``. A causal LM's loss is over
     the labels shifted by one (``shift_labels`` when the caller shifted them);
     an encoder-decoder's over its labels; a sequence classifier's over its rows.
     """
-    label_mask = _field(output, "label_mask", -1)
+    # By name only: a plain tuple output has no label mask at any position.
+    label_mask = output.get("label_mask") if isinstance(output, Mapping) else getattr(output, "label_mask", None)
     if isinstance(label_mask, torch.Tensor):
-        return label_mask.sum()
+        return ("mask", label_mask)
     shifted = kwargs.get("shift_labels")
     if isinstance(shifted, torch.Tensor):
-        return (shifted != -100).sum()
+        return ("labels", shifted)
     labels = kwargs.get("labels")
     if not isinstance(labels, torch.Tensor):
         return None
     if labels.dim() == 1:
-        return labels.numel()
+        return ("count", labels.numel())
     if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
-        return (labels != -100).sum()
-    return (labels[..., 1:] != -100).sum()
+        return ("labels", labels)
+    return ("shifted", labels)
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
