@@ -14,6 +14,10 @@ and Alertmanager for when things happen.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -82,6 +86,53 @@ __all__ = [
     "write_alertmanager_config",
     "write_prometheus_config",
 ]
+
+
+def free_port_pair() -> int:
+    """A free loopback port whose successor is free too (with ranks: all, rank 1 serves on base + 1)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two consecutive free ports found")
+
+
+def torchrun(script: Path, args: list[str], log_path: Path, nproc: int = 2) -> subprocess.Popen[bytes]:
+    """``script`` under torchrun on the CPU (one node, ``nproc`` ranks, a free rendezvous port on loopback),
+    in its own process group (see kill_group), logging to ``log_path``."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after 15 s, and reap the leader."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def start_demo(workdir: Path, run_id: str, port: int, max_steps: int, faults: Iterable[str],

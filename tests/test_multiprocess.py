@@ -7,17 +7,15 @@ training, and these tests read the final values from them.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from e2e import free_port_pair, kill_group, torchrun
 from prometheus_client.parser import text_string_to_metric_families
 
 torch_distributed = pytest.importorskip("torch.distributed")
@@ -32,30 +30,6 @@ LINGER_S = 40.0
 TIMEOUT_S = 120.0
 
 Sample = tuple[str, dict[str, str], float]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_port_pair() -> int:
-    """A free port whose successor is free too (rank 1 serves on base + 1)."""
-    for _ in range(50):
-        port = _free_port()
-        if port < 65535 and _port_free(port + 1):
-            return port
-    raise RuntimeError("no two consecutive free ports found")
 
 
 def _scrape(port: int) -> list[Sample] | None:
@@ -132,44 +106,18 @@ class DdpRun:
 
 
 def _launch(tmp_path: Path, ranks: str) -> Iterator[DdpRun]:
-    port = _free_port_pair()
+    port = free_port_pair()
     output_dir = tmp_path / f"ddp-{ranks}"
     log_path = tmp_path / f"torchrun-{ranks}.log"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPT),
+    proc = torchrun(SCRIPT, [
         "--ranks", ranks, "--port", str(port),
         "--max-steps", str(MAX_STEPS), "--batch-size", str(BATCH),
         "--linger", str(LINGER_S), "--output-dir", str(output_dir),
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ], log_path)  # fmt: skip
     try:
         yield DdpRun(proc, log_path, port, output_dir)
     finally:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=15)
+        kill_group(proc)
 
 
 @pytest.fixture

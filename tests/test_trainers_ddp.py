@@ -16,11 +16,7 @@ instead of the local one moves the value by several percent on this data, which 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +24,7 @@ from typing import Any
 
 import pytest
 import requests
+from e2e import free_port_pair, kill_group, torchrun
 from prometheus_client.parser import text_string_to_metric_families
 
 torch_distributed = pytest.importorskip("torch.distributed")
@@ -42,30 +39,6 @@ ACCUMULATION = 2
 LINGER_S = 60.0  # the test ends the run as soon as both ranks were read
 TIMEOUT_S = 120.0
 REL = 1e-3
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_port_pair() -> int:
-    """A free port whose successor is free too (rank 1 serves on base + 1)."""
-    for _ in range(50):
-        port = _free_port()
-        if port < 65535 and _port_free(port + 1):
-            return port
-    raise RuntimeError("no two consecutive free ports found")
 
 
 def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
@@ -121,49 +94,21 @@ class Run:
         return json.loads((self.output_dir / f"truth-rank{rank}.json").read_text())
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(params=["plain", "sft"])
 def ddp_run(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Run]:
     trainer = request.param
-    port = _free_port_pair()
+    port = free_port_pair()
     output_dir = tmp_path / f"ddp-{trainer}"
     log_path = tmp_path / f"torchrun-{trainer}.log"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPT), "--trainer", trainer, "--port", str(port),
+    proc = torchrun(SCRIPT, [
+        "--trainer", trainer, "--port", str(port),
         "--max-steps", str(MAX_STEPS), "--accumulation", str(ACCUMULATION),
         "--linger", str(LINGER_S), "--output-dir", str(output_dir),
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ], log_path)  # fmt: skip
     try:
         yield Run(proc, log_path, port, output_dir)
     finally:
-        _kill(proc)
+        kill_group(proc)
 
 
 def test_each_rank_exports_its_own_token_mean_loss(ddp_run: Run) -> None:
