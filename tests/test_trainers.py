@@ -368,3 +368,35 @@ def test_nonfinite_gradients_counted_even_between_reads() -> None:
     assert math.isfinite(float(model.model.layers[0].mlp.down_proj.weight.detach().sum()))
     expected = {10: 0.0, 20: 2.0, 30: 3.0}  # steps 15 and 20 by the read at 20, step 21 by the read at 30
     assert (reads, final) == (expected, 3.0), f"reads {reads} final {final}; expected {expected} final 3.0"
+
+
+# --------------------------------------------------------------------------- a loss changed in compute_loss
+
+
+def test_nonfinite_loss_from_a_custom_compute_loss_is_counted_as_gradients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented limit (docs/metrics.md, "Loss"): the loss metrics are the model's own loss; a loss that
+    a subclassed compute_loss makes non-finite reaches the gradients, which are counted on every sampled step,
+    and the exporter says once that the backpropagated loss is not the model's."""
+    import logging
+    import types
+
+    cb = exporter_callback("custom-loss", layers_interval=1, min_sample_period_seconds=0)
+    trainer = plain_trainer(tmp_path / "custom-loss", [cb], steps=3, max_grad_norm=0.0)
+    original = trainer.compute_loss
+
+    def compute_loss(self: Any, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = original(model, inputs, *args, **kwargs)
+        # The usual custom-loss pattern: a term of the trainer's own; non-finite on the last step only.
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    trainer.compute_loss = types.MethodType(compute_loss, trainer)
+    with caplog.at_level(logging.WARNING, logger="training_exporter"):
+        trainer.train()
+    assert exported(cb, "training_nonfinite_gradients_total") == 1.0
+    # The model's own loss stayed finite on every step: the loss metrics do not see the custom term.
+    assert exported(cb, "training_nonfinite_loss_total") == 0.0
+    assert math.isfinite(exported(cb, "training_loss") or math.nan)
+    warnings = [r.getMessage() for r in caplog.records if "backpropagated" in r.getMessage()]
+    assert len(warnings) == 1
