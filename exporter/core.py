@@ -65,7 +65,7 @@ from prometheus_client.registry import Collector
 from exporter import __version__, lifecycle
 from exporter import metrics as m
 from exporter.config import ExporterConfig
-from exporter.drift import DriftProfiler
+from exporter.drift import DriftProfiler, padding_free_real
 from exporter.errors import ErrorTracker
 from exporter.eval_runner import Contract, EvalExport, FixedEvaluator
 from exporter.layers import ParamGroups
@@ -194,7 +194,6 @@ class TrainingMonitor:
         self._pending_nonfinite_grads: torch.Tensor | None = None
         self._pending_sample_tensors: list[torch.Tensor] = []
         self._nonfinite_grad_warned = False
-        self._loss_finite_since_flush = True
         self._ema: float | None = None
         self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
         self._recent: collections.deque[tuple[float, float, float]] = collections.deque()
@@ -203,8 +202,8 @@ class TrainingMonitor:
         self._hook: Any = None
         # A fused LM head returns no logits: the backbone's last hidden state of a sampled forward pass.
         self._backbone_hook: Any = None
-        self._hidden: list[torch.Tensor] = []
-        self._unavailable_seen: set[tuple[str, str]] = set()
+        self._hidden: torch.Tensor | None = None
+        self._unavailable_seen: set[str] = set()
         self._step = 0
         self._step_started: float | None = None
         self._sample_layers = False
@@ -357,7 +356,7 @@ class TrainingMonitor:
         if self._backbone_hook is not None:
             self._backbone_hook.remove()
             self._backbone_hook = None
-        self._hidden.clear()
+        self._hidden = None
 
     def begin(self, max_steps: int | None = None, start_step: int = 0) -> None:
         with self.errors.guard("step"):
@@ -377,7 +376,7 @@ class TrainingMonitor:
         if self._sample_predictions and module.training:
             hidden = _field(output, "last_hidden_state", 0)
             if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
-                self._hidden[:] = [hidden.detach()]
+                self._hidden = hidden.detach()
 
     def _forward_hook(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -406,7 +405,7 @@ class TrainingMonitor:
                 self._sample_predictions = False
                 with self.errors.guard("predictions"):
                     self._observe_predictions(module, output, kwargs.get("labels"), mask)
-                self._hidden.clear()
+                self._hidden = None
         except Exception as exc:
             self.errors.record("hook", exc)
 
@@ -430,12 +429,9 @@ class TrainingMonitor:
             if mask is not None and mask.shape == starts.shape:
                 starts = starts & (mask != 0)
             else:
-                # Padding-free rows padded to a multiple (pad_to_multiple_of) carry position id 0 on every
-                # padding slot: slots after a row's last non-zero position id are padding, not sequences
-                # (as the drift profile reads them; a one-token sequence there has no loss token anyway).
+                # Padding slots of a padding-free row also carry position id 0: not sequences.
                 index = torch.arange(positions.shape[1], device=positions.device)
-                last = (index * (positions != 0)).amax(1, keepdim=True)
-                starts = starts & (index <= last)
+                starts = starts & padding_free_real(positions, index)
             with self._pending_lock:
                 self._pending_sample_tensors.append(starts.sum())
             return
@@ -474,19 +470,16 @@ class TrainingMonitor:
         if isinstance(logits, torch.Tensor):
             self._observe_logits(logits, labels, mask)
             return
-        hidden = self._hidden[0] if self._hidden else None
         head = _output_embedding(module)
-        if hidden is None or head is None:
-            self._unavailable("predictions", "no_logits",
-                              "the model's output has no logits and no hidden state to project")
+        if self._hidden is None or head is None:
+            self._predictions_unavailable("no_logits", "the model's output has neither logits nor a hidden state")
             return
-        self._observe_logits(hidden, labels, mask, head=head)
+        self._observe_logits(self._hidden, labels, mask, head=head)
 
-    def _unavailable(self, statistic: str, reason: str, why: str) -> None:
-        key = (statistic, reason)
-        if key not in self._unavailable_seen:
-            self._unavailable_seen.add(key)
-            log.warning("training-exporter: %s not exported: %s", statistic, why)
+    def _predictions_unavailable(self, reason: str, why: str) -> None:
+        if reason not in self._unavailable_seen:
+            self._unavailable_seen.add(reason)
+            log.warning("training-exporter: entropy and confidence not exported: %s", why)
             for name in _PREDICTION_SERIES:
                 self.child(m.STATISTIC_UNAVAILABLE, name, reason).set(1)
 

@@ -215,13 +215,7 @@ class DriftProfiler:
         if mask is not None and mask.shape == ids.shape:
             real: torch.Tensor | None = (mask.detach() != 0).long()
         elif positions is not None:
-            # A padding-free collator sends no mask, and pads a row (pad_to_multiple_of) with position
-            # id 0, which no position id can tell from sequences of one token. The slots after a row's
-            # last non-zero position id are taken for padding: a packed sequence of one token there
-            # would have no loss token anyway (its only label is the -100 of a sequence start). A row
-            # with no non-zero position id is all real.
-            moving = ((positions != 0) * const.positions).amax(1, keepdim=True)
-            real = ((const.positions <= moving) | (moving == 0)).long()
+            real = padding_free_real(positions, const.positions).long()
         else:
             real = None
         return _Batch(ids, real, positions, const)
@@ -443,6 +437,20 @@ def divergences(reference: Sequence[float], current: Sequence[float], length_bin
         if math.isfinite(value):
             out[feature] = value
     return out
+
+
+def padding_free_real(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Real (not padding) slots of padding-free rows that come without a mask, as a bool tensor.
+
+    A padding-free collator pads a row (pad_to_multiple_of) with position id 0,
+    which no position id can tell from sequences of one token. The slots after
+    a row's last non-zero position id are taken for padding: a packed sequence
+    of one token there would have no loss token anyway (its only label is the
+    -100 of a sequence start). A row with no non-zero position id is all real.
+    ``index`` is ``arange(t)`` on the rows' device. Fixed-shape device ops only.
+    """
+    moving = ((positions != 0) * index).amax(1, keepdim=True)
+    return (index <= moving) | (moving == 0)
 
 
 def _batch_tensors(batch: Any) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:

@@ -478,3 +478,33 @@ def test_packed_rows_count_their_sequences() -> None:
     mon.step_end()
     assert sample(mon, "training_samples_total") == 6.0
     assert sample(mon, "training_tokens_total") == 18.0
+
+
+def test_predictions_a_model_cannot_give_are_a_series_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    class LossOnly(torch.nn.Module):
+        """A model whose output holds its loss only: no logits, no hidden state, no output embedding."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_gpt2()
+
+        def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"loss": self.inner(**batch).loss}
+
+    model = LossOnly()
+    mon = TrainingMonitor(ExporterConfig(predictions_interval=1, min_sample_period_seconds=0, **QUIET),
+                          run_id="loss-only")
+    mon.watch(model)
+    mon.begin()
+    with caplog.at_level(logging.WARNING, logger="training_exporter"):
+        for step in range(3):
+            mon.step_begin()
+            model(**batch(step))["loss"].backward()
+            mon.step_end()
+    mon.flush()
+    for statistic in ("token_entropy", "top1_confidence", "top5_confidence"):
+        assert sample(mon, "training_statistic_unavailable", statistic=statistic, reason="no_logits") == 1.0
+    assert sample(mon, "training_token_entropy_nats") is None
+    assert sample(mon, "training_loss") is not None  # the rest goes on
+    assert len([r for r in caplog.records if "entropy and confidence not exported" in r.getMessage()]) == 1
+    assert sample(mon, "training_exporter_collector_errors_total", collector="predictions") == 0.0

@@ -152,14 +152,19 @@ def test_divergences_layout() -> None:
     assert js == {"sequence_length": 1.0, "token_frequency": 1.0, "padding_fraction": 0.0, "truncation": 0.0}
 
 
-def test_forward_hook_of_a_monitored_model() -> None:
+def monitored_model(run_id: str, **drift: Any) -> tuple[GPT2LMHeadModel, TrainingMonitor]:
+    """A tiny GPT-2 watched by a monitor with these drift settings (``drift_window`` etc.)."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=16, n_layer=1, n_head=2,
                                        bos_token_id=1, eos_token_id=EOS))
-    cfg = ExporterConfig(gpu=False, host=False, drift_window=6, drift_reference_batches=6, drift_top_k=10,
-                         drift_sample_every=1)
-    mon = TrainingMonitor(cfg, run_id="drift")
+    mon = TrainingMonitor(ExporterConfig(gpu=False, host=False, **drift), run_id=run_id)
     mon.watch(model)
+    return model, mon
+
+
+def test_forward_hook_of_a_monitored_model() -> None:
+    model, mon = monitored_model("drift", drift_window=6, drift_reference_batches=6, drift_top_k=10,
+                                 drift_sample_every=1)
     rng = random.Random(8)
 
     def js(feature: str) -> float:
@@ -190,12 +195,7 @@ def test_forward_hook_of_a_monitored_model() -> None:
 
 
 def test_every_nth_training_batch_is_profiled() -> None:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=16, n_layer=1, n_head=2,
-                                       bos_token_id=1, eos_token_id=EOS))
-    cfg = ExporterConfig(gpu=False, host=False, drift_window=2, drift_reference_batches=2, drift_sample_every=3)
-    mon = TrainingMonitor(cfg, run_id="sampled")
-    mon.watch(model)
+    model, mon = monitored_model("sampled", drift_window=2, drift_reference_batches=2, drift_sample_every=3)
     assert mon.drift is not None
     rng = random.Random(9)
     model.train()
@@ -420,13 +420,8 @@ def test_the_training_path_never_reads_the_device(max_length: int) -> None:
 
 
 def test_forward_hook_splits_packed_rows() -> None:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=16, n_layer=1, n_head=2,
-                                       bos_token_id=1, eos_token_id=EOS))
-    cfg = ExporterConfig(gpu=False, host=False, drift_window=4, drift_reference_batches=4, drift_top_k=10,
-                         drift_sample_every=1)
-    mon = TrainingMonitor(cfg, run_id="packed")
-    mon.watch(model)
+    model, mon = monitored_model("packed", drift_window=4, drift_reference_batches=4, drift_top_k=10,
+                                 drift_sample_every=1)
     rng = random.Random(16)
     stream = [sequences(rng, [rng.randint(2, 20) for _ in range(4)], [True, True, False, True]) for _ in range(4)]
     model.train()
