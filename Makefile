@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 # Faults injected when `make demo` runs the local alerting chain (DEMO_FAULTS= for none).
 DEMO_FAULTS ?= --inject nan@1500 --inject spike@3000
 
-.PHONY: setup demo test lint system-packages clean dashboards
+.PHONY: setup demo test lint system-packages clean dashboards docs
 
 setup: system-packages $(STAMP)
 
@@ -49,16 +49,21 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
-	$(VENV)/bin/ruff check exporter analytics_jobs tests bench grafana
+	$(VENV)/bin/ruff check exporter analytics_jobs tests bench grafana docs
 	$(VENV)/bin/mypy
 
 lint: setup
-	$(VENV)/bin/ruff check exporter analytics_jobs tests bench grafana
+	$(VENV)/bin/ruff check exporter analytics_jobs tests bench grafana docs
 	$(VENV)/bin/mypy
 
 # Regenerate grafana/dashboards/*.json from grafana/dashboards_src/ (a test fails when they differ).
 dashboards: setup
 	$(PY) grafana/generate.py
+
+# Regenerate the generated sections of docs/*.md (metric tables, threshold table) from the code
+# (a test fails when they differ).
+docs: setup
+	$(PY) docs/generate.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

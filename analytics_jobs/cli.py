@@ -16,7 +16,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from exporter.argtypes import positive_int, positive_seconds
+from exporter.argtypes import EXIT_FAILED, checked, fail, positive_int, positive_seconds
+from exporter.config import derive_run_id, parse_listen_address
 
 ENV_PREFIX = "TRAINING_EXPORTER_ANALYTICS_"
 DEFAULT_LISTEN = ":9946"
@@ -28,25 +29,6 @@ log = logging.getLogger("training_exporter.analytics")
 def env_name(flag: str) -> str:
     return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", flag.upper())
 
-
-
-
-def _listen(text: str) -> tuple[str, int]:
-    from exporter.config import parse_listen_address
-
-    try:
-        return parse_listen_address(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def derive_run_id(checkpoint_dir: str) -> str:
-    """The Trainer output dir's name, as the training exporter derives it (exporter.callback.derive_run_id),
-    so that both exporters' series of a run share ``run_id``; repeated here to keep transformers unimported."""
-    if not checkpoint_dir:
-        return "run"
-    name = os.path.basename(os.path.normpath(checkpoint_dir))
-    return name or "run"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -76,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     parser.add_argument("--once", action="store_true",
                         help="Analyse the newest complete checkpoint, write the status files and exit "
                              "(0: done, 1: the analysis failed or no complete checkpoint).")
-    parser.add_argument("--web.listen-address", dest="listen_address", type=_listen,
+    parser.add_argument("--web.listen-address", dest="listen_address", type=checked(parse_listen_address),
                         default=env("web.listen-address", DEFAULT_LISTEN), metavar="HOST:PORT",
                         help="Where to serve /metrics (not served with --once).")
     parser.add_argument("--run-id", default=env("run-id"), metavar="ID",
@@ -92,7 +74,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporter.cli import EXIT_FAILED, fail
 
     if not args.base:
         fail(f"analytics: --base is required (or {env_name('base')})")

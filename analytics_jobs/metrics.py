@@ -8,6 +8,7 @@ meaning as the training exporter's (``-1`` embeddings, ``0``..``N-1`` blocks,
 
 from __future__ import annotations
 
+from exporter import thresholds as t
 from exporter.metrics import MetricSpec
 
 _LAYER = ("layer",)
@@ -25,11 +26,15 @@ LAYER_DELTA_NORM = _g("training_analytics_layer_delta_norm", "||W - W0|| of one 
 LAYER_REFERENCE_NORM = _g("training_analytics_layer_reference_norm", "||W0|| of one layer (base model).", labels=_LAYER)
 LAYER_CURRENT_NORM = _g("training_analytics_layer_current_norm", "||W|| of one layer (checkpoint).", labels=_LAYER)
 LAYER_MAX_ABS_WEIGHT = _g(
-    "training_analytics_layer_max_abs_weight", "Largest |w| of one layer (exploding above 100 / 150).", labels=_LAYER
+    "training_analytics_layer_max_abs_weight",
+    f"Largest |w| of one layer (exploding above {t.WEIGHTS_EXPLODING_WARNING.value('max_abs_weight'):g} / "
+    f"{t.WEIGHTS_EXPLODING_CRITICAL.value('max_abs_weight'):g}).",
+    labels=_LAYER,
 )
 LAYER_MIN_ABS_WEIGHT = _g(
     "training_analytics_layer_min_abs_weight",
-    "Smallest non-zero |w| of one layer (vanishing below 1e-10 / 1e-12).",
+    f"Smallest non-zero |w| of one layer (vanishing below {t.WEIGHTS_VANISHING_WARNING.value('min_abs_weight'):g} / "
+    f"{t.WEIGHTS_VANISHING_CRITICAL.value('min_abs_weight'):g}).",
     labels=_LAYER,
 )
 TOTAL_RELATIVE_DRIFT = _g(
@@ -38,7 +43,9 @@ TOTAL_RELATIVE_DRIFT = _g(
 )
 DRIFT_PATTERN = _g(
     "training_analytics_drift_pattern",
-    "1 for the drift pattern of the checkpoint (uniform / top_heavy / bottom_heavy, seed 1.5x rule), 0 otherwise.",
+    "1 for the drift pattern of the checkpoint, 0 otherwise: top_heavy (bottom_heavy) when the mean relative "
+    f"drift of the last (first) quarter of the blocks is over {t.DRIFT_PATTERN_RATIO.value:g}x that of the "
+    "other quarter, else uniform.",
     labels=("pattern",),
 )
 CHECKPOINT_STEP = _g("training_analytics_checkpoint_step", "Training step of the analysed checkpoint.")

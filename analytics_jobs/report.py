@@ -1,11 +1,11 @@
-"""Judgements and the seed-002 status documents (``layer_drift.json``, ``parameter_stability.json``).
+"""Judgements and the status documents ``layer_drift.json`` and ``parameter_stability.json``.
 
-The documents follow the seed's data contract key for key. Where the
-contract's integer ``layer_idx`` cannot say "final" (final norm, LM head, and
-whatever else follows the blocks), that layer is listed with the index after
-the last block (28 for a 28-block model); summaries over blocks (drift
-pattern, max / min drift layer, top / bottom averages) use blocks 0..N-1
-only. JSON has no NaN or Infinity: a non-finite figure is written as null.
+The documents follow the data contract of docs/analytics.md (its Figures) key
+for key. Where the contract's integer ``layer_idx`` cannot say "final" (final
+norm, LM head, and whatever else follows the blocks), that layer is listed
+with the index after the last block (28 for a 28-block model); summaries
+over blocks (drift pattern, max / min drift layer, top / bottom averages) use
+blocks 0..N-1 only. JSON has no NaN or Infinity: a non-finite figure is written as null.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from datetime import datetime
 from typing import Any
 
 from analytics_jobs.analysis import Analysis, LayerResult
+from exporter import thresholds
 
-# Seed 002 thresholds: max |w| above which a layer is exploding, min non-zero
-# |w| below which it is vanishing, and the drift pattern ratio.
-EXPLODING_WARNING = 100.0
-EXPLODING_CRITICAL = 150.0
-VANISHING_WARNING = 1e-10
-VANISHING_CRITICAL = 1e-12
-PATTERN_RATIO = 1.5
+# Max |w| above which a layer is exploding and min non-zero |w| below which it
+# is vanishing (the thresholds of TrainingWeightsExploding and
+# TrainingWeightsVanishing), and the drift pattern ratio. Floats, as the
+# documents have always written them (100.0, not 100).
+EXPLODING_WARNING = float(thresholds.WEIGHTS_EXPLODING_WARNING.value("max_abs_weight"))
+EXPLODING_CRITICAL = float(thresholds.WEIGHTS_EXPLODING_CRITICAL.value("max_abs_weight"))
+VANISHING_WARNING = float(thresholds.WEIGHTS_VANISHING_WARNING.value("min_abs_weight"))
+VANISHING_CRITICAL = float(thresholds.WEIGHTS_VANISHING_CRITICAL.value("min_abs_weight"))
+PATTERN_RATIO = thresholds.DRIFT_PATTERN_RATIO.value
 PATTERNS = ("uniform", "top_heavy", "bottom_heavy")
 
 
@@ -56,7 +59,7 @@ def _mean(values: list[float]) -> float:
 
 
 def pattern(top_avg: float, bottom_avg: float) -> str:
-    """Seed rule: top_heavy if top > 1.5 x bottom, bottom_heavy if bottom > 1.5 x top, else uniform."""
+    """top_heavy if top > PATTERN_RATIO x bottom, bottom_heavy if bottom > PATTERN_RATIO x top, else uniform."""
     if top_avg > bottom_avg * PATTERN_RATIO:
         return "top_heavy"
     if bottom_avg > top_avg * PATTERN_RATIO:
@@ -70,7 +73,7 @@ def blocks(analysis: Analysis) -> list[LayerResult]:
 
 def drift_summary(analysis: Analysis) -> DriftSummary:
     """Over the transformer blocks: the top and bottom quarters are the last and first ``max(1, N // 4)``
-    blocks (7 of 28, as in the seed)."""
+    blocks (7 of 28)."""
     rows = blocks(analysis)
     values = [x.relative_change for x in rows]
     quarter = max(1, len(rows) // 4)
@@ -97,7 +100,7 @@ def layer_index(label: str, num_blocks: int) -> int:
 
 
 def alerts(analysis: Analysis) -> list[Alert]:
-    """One alert per layer and kind at its highest severity (seed thresholds); a NaN max |w| is exploding."""
+    """One alert per layer and kind at its highest severity (the thresholds above); a NaN max |w| is exploding."""
     out: list[Alert] = []
     for row in analysis.layers:
         idx = layer_index(row.layer, analysis.num_blocks)

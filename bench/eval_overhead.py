@@ -1,10 +1,10 @@
 """Training slowdown caused by the fixed evaluation, and the query time of the preview history.
 
-Part 1 trains the demo's real Trainer (tiny GPT-2 + LoRA, ``exporter.demo.build_trainer``)
+Part 1 trains the demo's real Trainer (tiny GPT-2 + LoRA, ``exporter.demo.run.build_trainer``)
 with the exporter in two variants, in interleaved rounds (order rotated each round):
 
   no_eval   PrometheusCallback, default settings, no eval set
-  eval      the same plus the demo's fixed eval set (``demo_task.make_eval_set``: 48
+  eval      the same plus the demo's fixed eval set (``exporter.demo.task.make_eval_set``: 48
             fixed + 32 train examples, digits-only contract) at the default interval
             (every 250 steps) and budget (64 examples per evaluation), preview
             history written to a temporary directory
@@ -49,8 +49,8 @@ from transformers.trainer_callback import PrinterCallback
 from exporter.argtypes import positive_int
 from exporter.callback import PrometheusCallback
 from exporter.config import ExporterConfig
-from exporter.demo import build_trainer
-from exporter.demo_task import DIGITS_ONLY, CharTokenizer, make_eval_set
+from exporter.demo.run import build_trainer
+from exporter.demo.task import DIGITS_ONLY, CharTokenizer, make_eval_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from previews_query import measure_query  # a sibling script, not a package

@@ -1,6 +1,6 @@
 """Training-step overhead of the exporter callback, relative to a bare Trainer.
 
-Runs the demo's real Trainer (tiny GPT-2 + LoRA, ``exporter.demo.build_trainer``)
+Runs the demo's real Trainer (tiny GPT-2 + LoRA, ``exporter.demo.run.build_trainer``)
 in interleaved rounds of five variants and prints each variant's step time
 divided by the bare run's:
 
@@ -84,7 +84,7 @@ from transformers.trainer_callback import PrinterCallback
 from exporter.argtypes import integer, positive_int, positive_seconds
 from exporter.callback import PrometheusCallback
 from exporter.config import ExporterConfig
-from exporter.demo import build_trainer
+from exporter.demo.run import build_trainer
 
 VARIANTS: tuple[str, ...] = ("bare", "default", "all", "every-step", "tensorboard")
 # Targets, as ratios to bare (default must also be no worse than TensorBoardCallback).

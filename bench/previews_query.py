@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from exporter.previews import PreviewHistory
+from exporter.previews import PreviewFilter, PreviewHistory
 
 REGIMES = ("emoji_think", "regime3", "plain_sft")
 SOURCES = ("fixed_eval", "train", "failures")
@@ -52,14 +52,14 @@ PAGE = 100
 BATCH = 50  # previews per append: one fixed evaluation's worth
 END = datetime(2025, 11, 30, 12, 0, tzinfo=timezone.utc).timestamp()
 
-# name -> (PreviewHistory.query keyword arguments, CLI flags, rows expected)
-QUERIES: dict[str, tuple[dict[str, Any], list[str], int]] = {
-    "latest": ({}, [], PAGE),
-    "regime": ({"regime": "emoji_think"}, ["--regime", "emoji_think"], PAGE),
-    "failures": ({"exact_match": False, "failure_mode": "wrong_content"},
+# name -> (PreviewHistory.query filter, its offset, CLI flags, rows expected)
+QUERIES: dict[str, tuple[PreviewFilter, int, list[str], int]] = {
+    "latest": (PreviewFilter(), 0, [], PAGE),
+    "regime": (PreviewFilter(regime="emoji_think"), 0, ["--regime", "emoji_think"], PAGE),
+    "failures": (PreviewFilter(exact_match=False, failure_mode="wrong_content"), 0,
                  ["--exact-match", "false", "--failure-mode", "wrong_content"], PAGE),
-    "offset5000": ({"offset": 5000}, ["--offset", "5000"], PAGE),
-    "no_match": ({"step_min": 10**12}, ["--step-min", str(10**12)], 0),
+    "offset5000": (PreviewFilter(), 5000, ["--offset", "5000"], PAGE),
+    "no_match": (PreviewFilter(step_min=10**12), 0, ["--step-min", str(10**12)], 0),
 }
 
 
@@ -129,13 +129,11 @@ def measure_query(records: int = 100_000, days: int = 30, repeats: int = 3) -> d
 def _time_queries(history: PreviewHistory, repeats: int) -> dict[str, float]:
     results: dict[str, float] = {}
     repo = Path(__file__).resolve().parent.parent
-    for name, (kwargs, flags, expected) in QUERIES.items():
-        kwargs = {"limit": PAGE, **kwargs}
-
-        def api(kwargs: dict[str, Any] = kwargs, expected: int = expected) -> None:
-            rows = history.query(**kwargs)
+    for name, (where, offset, flags, expected) in QUERIES.items():
+        def api(where: PreviewFilter = where, offset: int = offset, expected: int = expected) -> None:
+            rows = history.query(where, limit=PAGE, offset=offset)
             if len(rows) != expected:
-                raise AssertionError(f"{kwargs}: {len(rows)} rows, expected {expected}")
+                raise AssertionError(f"{where}, offset {offset}: {len(rows)} rows, expected {expected}")
 
         argv = [sys.executable, "-m", "exporter.cli", "previews", "--dir", str(history.directory),
                 "--limit", str(PAGE), "--format", "jsonl", *flags]

@@ -22,7 +22,7 @@ exported by rank 0 only in both modes.
 Fixed evaluation: ``PrometheusCallback(eval_set=[...], tokenizer=tok)`` (the
 tokenizer defaults to the Trainer's ``processing_class``) generates answers
 for the eval set every ``eval.interval_steps`` steps and at each Trainer
-evaluation, on the world-process-zero only; see :mod:`exporter.eval_runner`.
+evaluation, on the world-process-zero only; see :mod:`exporter.evaluation`.
 It is skipped under FSDP and DeepSpeed, where a forward pass on one rank
 alone would wait forever for the others' shards.
 """
@@ -30,24 +30,16 @@ alone would wait forever for the others' shards.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from exporter.config import ExporterConfig, resolve_settings
+from exporter.config import ExporterConfig, derive_run_id, resolve_settings
 from exporter.core import PortInUseError, TrainingMonitor
-from exporter.eval_runner import Contract, EvalExample, load_eval_set
+from exporter.evaluation import Contract, EvalExample, load_eval_set
 
 log = logging.getLogger("training_exporter")
-
-
-def derive_run_id(output_dir: str | None) -> str:
-    if not output_dir:
-        return "run"
-    name = os.path.basename(os.path.normpath(output_dir))
-    return name or "run"
 
 
 class PrometheusCallback(TrainerCallback):
@@ -60,8 +52,52 @@ class PrometheusCallback(TrainerCallback):
     :class:`ExporterConfig` is taken as explicit: it is used as it is (keyword
     arguments still override its fields) and neither the environment nor the
     file is read, so nothing overrides what the caller built. Everything is
-    validated here, before training starts: unknown keyword arguments and bad
-    values from any source are listed in one :class:`~exporter.config.ConfigError`.
+    validated here, before training starts.
+
+    Args:
+        config: every setting at once; when given, the environment and the
+            config file are not read.
+        eval_set: the fixed evaluation set: :class:`~exporter.evaluation.EvalExample`
+            objects or mappings with its fields (``prompt`` and ``golden``
+            required; ``example_id``, ``regime``, ``source``, ``domain``,
+            ``pattern``, ``dataset_id``), checked by
+            :func:`~exporter.evaluation.load_eval_set`. Its answers are generated
+            every ``eval.interval_steps`` steps and at each Trainer evaluation
+            (docs/metrics.md, "Fixed evaluation and dataset drift").
+        tokenizer: encodes the eval prompts and decodes the answers; defaults
+            to the Trainer's ``processing_class``. Any object with
+            ``encode(text)``, ``decode(ids)`` and ``eos_token_id`` will do.
+        eval_contract: checks of an answer's form, ``answer -> {check: passed}``
+            (e.g. :func:`~exporter.evaluation.regex_contract`), for every example
+            that has no contract of its own.
+        drift_reference: batches of the reference data (mappings with
+            ``input_ids`` and optionally ``attention_mask`` / ``position_ids``)
+            that the dataset drift of the training batches is measured
+            against; without it the first ``drift.reference_batches`` training
+            batches are the reference.
+        **settings: any :class:`ExporterConfig` field by name (``listen_address``,
+            ``run_id``, ``ranks``, ``ema_alpha``...).
+
+    Raises:
+        ConfigError: an unknown setting, or a bad value from any source; every
+            bad one is listed in the one error.
+        ValueError: a malformed ``eval_set`` (every problem named in one error).
+        PortInUseError: at ``on_train_begin``, when the listen address is taken
+            and ``web.port_in_use`` is ``"fail"`` (the default, ``"continue"``,
+            logs one line, counts the error and trains on without serving).
+
+    Example::
+
+        from transformers import Trainer
+        from exporter import PrometheusCallback
+
+        callback = PrometheusCallback(
+            listen_address=":9945",
+            run_id="sft-qwen-0.5b",
+            eval_set=[{"example_id": "q1", "prompt": "2+2=", "golden": "4"}],
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        trainer.train()
     """
 
     def __init__(
@@ -97,13 +133,13 @@ class PrometheusCallback(TrainerCallback):
         self._eval_contract = contract if contract is not None else self._eval_contract
 
     # Every hook is guarded: the training loop never sees an exception from here.
-    def _call(self, what: str, method: str, *a: Any, **kw: Any) -> None:
-        """Run ``monitor.<method>`` if this process exports; count and log any failure under ``what``."""
+    def _guard(self, what: str, call: Callable[[TrainingMonitor], object]) -> None:
+        """Run ``call(monitor)`` if this process exports; count and log any failure under ``what``."""
         mon = self.monitor
         if mon is None or not self._active:
             return
         try:
-            getattr(mon, method)(*a, **kw)
+            call(mon)
         except PortInUseError:
             raise
         except Exception as exc:
@@ -135,41 +171,41 @@ class PrometheusCallback(TrainerCallback):
         mon = self.monitor
         if mon is None or not self._active:
             return
-        self._call("http_server", "start")
+        self._guard("http_server", lambda m: m.start())
         # With average_tokens_across_devices the model divides by every rank's token count.
         mon.items_are_local = not (args.average_tokens_across_devices and args.world_size > 1)
         if model is not None:
-            self._call("hook", "describe_model", model)
-            self._call("hook", "watch", model)
-            if self._drift_reference is not None:
-                self._call("drift", "set_drift_reference", self._drift_reference)
-        if self._eval_set is not None and state.is_world_process_zero and mon.evaluator is None:
+            self._guard("hook", lambda m: m.describe_model(model))
+            self._guard("hook", lambda m: m.watch(model))
+            if (reference := self._drift_reference) is not None:
+                self._guard("drift", lambda m: m.set_drift_reference(reference))
+        if (eval_set := self._eval_set) is not None and state.is_world_process_zero and mon.evaluator is None:
             if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
                 log.warning("training-exporter: fixed evaluation skipped: not supported under FSDP / DeepSpeed")
             else:
                 tokenizer = self._tokenizer if self._tokenizer is not None else kw.get("processing_class")
-                self._call("eval", "set_evaluation", self._eval_set, tokenizer, contract=self._eval_contract)
-        self._call("step", "begin", state.max_steps, state.global_step)
+                self._guard("eval", lambda m: m.set_evaluation(eval_set, tokenizer, contract=self._eval_contract))
+        self._guard("step", lambda m: m.begin(state.max_steps, state.global_step))
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._call("step", "step_begin")
+        self._guard("step", lambda m: m.step_begin())
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kw: Any
     ) -> None:
-        self._call("gradients", "before_optimizer_step", optimizer)
+        self._guard("gradients", lambda m: m.before_optimizer_step(optimizer))
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        self._call("update_ratio", "after_optimizer_step")
+        self._guard("update_ratio", lambda m: m.after_optimizer_step())
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kw: Any
     ) -> None:
-        self._call("step", "step_end", state.global_step, state.epoch)
+        self._guard("step", lambda m: m.step_end(state.global_step, state.epoch))
         if model is not None:
-            self._call("eval", "maybe_evaluate", model, state.global_step)
+            self._guard("eval", lambda m: m.maybe_evaluate(model, state.global_step))
 
     def on_log(
         self,
@@ -179,9 +215,9 @@ class PrometheusCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        if logs and isinstance(logs.get("grad_norm"), (int, float)):
-            self._call("step", "observe_grad_norm", logs["grad_norm"])
-        self._call("flush", "flush")
+        if logs and isinstance(grad_norm := logs.get("grad_norm"), (int, float)):
+            self._guard("step", lambda m: m.observe_grad_norm(grad_norm))
+        self._guard("flush", lambda m: m.flush())
 
     def on_evaluate(
         self,
@@ -193,13 +229,13 @@ class PrometheusCallback(TrainerCallback):
         **kw: Any,
     ) -> None:
         if metrics:
-            self._call("evaluation", "observe_evaluation", metrics, state.global_step)
+            self._guard("evaluation", lambda m: m.observe_evaluation(metrics, state.global_step))
         if model is not None:
-            self._call("eval", "maybe_evaluate", model, state.global_step, force=True)
+            self._guard("eval", lambda m: m.maybe_evaluate(model, state.global_step, force=True))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._call("step", "observe_checkpoint", state.global_step)
+        self._guard("step", lambda m: m.observe_checkpoint(state.global_step))
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._call("step", "end", "completed")
+        self._guard("step", lambda m: m.end("completed"))
 

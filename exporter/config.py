@@ -3,14 +3,18 @@
 Precedence, highest first: command-line flag (or the callback's keyword argument),
 environment variable, YAML file (``--config.file`` or ``TRAINING_EXPORTER_CONFIG_FILE``),
 built-in default. Every setting has all four spellings, derived from the
-single :data:`OPTIONS` table so they cannot drift apart:
+single :data:`OPTIONS` table so they cannot drift apart. The flag is the YAML
+key with ``_`` as ``-`` (the dots kept, Go-exporter style); where an earlier
+release spelled the flag differently, that spelling stays as an alias, and the
+environment variable keeps the name it was given after it:
 
-===========================  ================================  ==========================================
-YAML (``--config.file``)     flag                              environment
-===========================  ================================  ==========================================
-``web.listen_address``       ``--web.listen-address``          ``TRAINING_EXPORTER_WEB_LISTEN_ADDRESS``
-``collectors.gpu``           ``--collector.gpu`` / ``--no-…``  ``TRAINING_EXPORTER_COLLECTOR_GPU``
-===========================  ================================  ==========================================
+========================  ====================================================  ========================================
+YAML (``--config.file``)  flag (alias)                                          environment
+========================  ====================================================  ========================================
+``web.listen_address``    ``--web.listen-address``                              ``TRAINING_EXPORTER_WEB_LISTEN_ADDRESS``
+``web.linger_seconds``    ``--web.linger-seconds`` (``--linger``)               ``TRAINING_EXPORTER_LINGER``
+``collectors.gpu``        ``--[no-]collectors.gpu`` (``--[no-]collector.gpu``)  ``TRAINING_EXPORTER_COLLECTOR_GPU``
+========================  ====================================================  ========================================
 
 Validation collects every problem and reports them in one :class:`ConfigError`
 before anything starts. Only the value that wins is checked: a setting overridden
@@ -52,6 +56,119 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ExporterConfig:
+    """Every exporter setting, with its default; one row of :data:`OPTIONS` per field.
+
+    Each field is also a YAML key, a flag and an environment variable (in brackets:
+    the YAML key; the flag is that key with ``_`` as ``-``). Building one directly
+    checks nothing; :meth:`from_kwargs`, :meth:`replace`, :func:`resolve` and
+    :func:`resolve_settings` validate, and :meth:`validate` checks one built directly.
+
+    Args:
+        listen_address: ``HOST:PORT``, ``:PORT`` (all interfaces) or ``[v6]:PORT`` to serve
+            ``/metrics`` on; port 0 picks a free one [``web.listen_address``].
+            Defaults to ``":9945"``.
+        port_in_use: when the port is taken, ``"continue"`` (log one line, count the error,
+            train without an endpoint) or ``"fail"`` (raise before training starts)
+            [``web.port_in_use``]. Defaults to ``"continue"``.
+        linger_seconds: seconds to block when training ends, still serving the last values
+            [``web.linger_seconds``]. Defaults to ``0.0``.
+        final_scrape_timeout_seconds: after training, keep serving in the background until
+            each client that was scraping has read the final state, at most this long; the
+            exit of the process waits for it, the return from training does not; 0 stops at
+            once [``web.final_scrape_timeout_seconds``]. Defaults to ``120.0``.
+        sigterm: on SIGTERM, set state ``terminated`` and keep it scrapeable before the
+            previous handler runs [``signals.sigterm``]. Defaults to ``True``.
+        sigterm_timeout_seconds: the most a SIGTERM waits for that scrape; keep it below the
+            scheduler's grace period [``web.sigterm_timeout_seconds``]. Defaults to ``25.0``.
+
+        run_id: value of the ``run_id`` label; empty derives it from the Trainer's output
+            dir [``run_id``]. Defaults to ``""``.
+        labels: extra constant labels on every series; names the exporter uses itself
+            (``rank``, ``layer``, ...) are refused [``labels``]. Defaults to none.
+        ranks: ``"zero"`` exports from rank 0 only, ``"all"`` from every rank on
+            port + ``LOCAL_RANK`` with a ``rank`` label [``ranks``]. Defaults to ``"zero"``.
+
+        gpu, host, layers, update_ratio, predictions, evaluation, previews, drift: turn
+            each collector on or off: NVML GPU metrics, host metrics (psutil), per-layer
+            gradient norms, update ratios (one copy of the trainable weights on sampled
+            steps), entropy and confidence, the fixed evaluation, the preview history and
+            dataset drift [``collectors.gpu``, ..., ``collectors.eval``, ...].
+            All default to ``True``.
+
+        layers_interval, update_ratio_interval, predictions_interval: sample that collector
+            every N optimizer steps [``intervals.layers_steps``, ...]. Default to
+            ``10``, ``50`` and ``50``.
+        min_sample_period_seconds: sample those collectors at most once per this many
+            seconds; 0 samples every due step [``intervals.min_period_seconds``].
+            Defaults to ``1.0``.
+
+        ema_alpha: weight of the newest loss in the EMA, in (0, 1] [``loss.ema_alpha``].
+            Defaults to ``0.1``.
+        variance_window: recent finite losses the variance is taken over
+            [``loss.variance_window``]. Defaults to ``50``.
+        loss_window_seconds: seconds of steps ``training_loss_recent_max`` is taken over
+            [``loss.window_seconds``]. Defaults to ``60.0``.
+
+        eval_interval: run the fixed evaluation every N steps; 0 only at Trainer
+            evaluations [``eval.interval_steps``]. Defaults to ``250``.
+        eval_budget: examples asked per fixed evaluation [``eval.budget``]. Defaults to ``64``.
+        eval_max_new_tokens: bound on generated tokens per answer; 0 is twice the longest
+            golden answer asked [``eval.max_new_tokens``]. Defaults to ``0``.
+        eval_batch_size: prompts generated together [``eval.batch_size``]. Defaults to ``32``.
+        eval_failure_pool: training examples answered wrong that are asked again until
+            right; 0 disables [``eval.failure_pool``]. Defaults to ``32``.
+
+        history_dir: directory of the preview history; empty is ``OUTPUT_DIR/logs/preview``
+            [``history.dir``]. Defaults to ``""``.
+        history_compress_days, history_delete_days: gzip, then delete, preview history day
+            files older than this many days [``history.compress_after_days``,
+            ``history.delete_after_days``]. Default to ``7`` and ``30``.
+
+        drift_sample_every: profile every N-th training batch [``drift.sample_every``].
+            Defaults to ``10``.
+        drift_window: recent profiled batches the current profile is taken over
+            [``drift.window_batches``]. Defaults to ``100``.
+        drift_reference_batches: first profiled batches that make the reference profile
+            [``drift.reference_batches``]. Defaults to ``100``.
+        drift_top_k: most frequent reference tokens compared one by one
+            [``drift.top_k``]. Defaults to ``100``.
+        drift_max_length: length at which a sequence counts as truncated; 0 when its last
+            token is not end-of-sequence [``drift.max_length``]. Defaults to ``0``.
+
+    Raises:
+        ConfigError: from :meth:`from_kwargs`, :meth:`replace` and :meth:`validate`, listing
+            every problem at once: a keyword that is no field; a listen address that is not
+            ``HOST:PORT``; a boolean field that is not ``True`` / ``False``; a count below its
+            minimum (1, or 0 where 0 has a meaning above); a negative or non-finite number of
+            seconds (``loss_window_seconds`` must be above 0); ``ema_alpha`` outside (0, 1];
+            ``ranks`` or ``port_in_use`` not one of its choices; a ``run_id`` over 128
+            characters or of several lines; a ``history_dir`` of several lines; ``labels`` with
+            an invalid or reserved name or a value that is not a string.
+
+    Example::
+
+        >>> from exporter import ExporterConfig
+        >>> ExporterConfig().listen_address
+        ':9945'
+        >>> cfg = ExporterConfig.from_kwargs(ema_alpha=0.05, labels={"team": "nlp"})
+        >>> cfg.replace(gpu=False).gpu
+        False
+        >>> cfg.replace(ranks="some")
+        Traceback (most recent call last):
+        ...
+        exporter.config.ConfigError: invalid configuration: ranks: must be one of zero, all, got 'some'
+
+        # From a YAML file that holds the keys nested at each dot, e.g. exporter.yml:
+        #   loss:
+        #     ema_alpha: 0.05
+        #   collectors:
+        #     gpu: false
+        >>> from exporter.config import load_yaml
+        >>> cfg = ExporterConfig.from_kwargs(**load_yaml("exporter.yml"))
+        >>> (cfg.ema_alpha, cfg.gpu)
+        (0.05, False)
+    """
+
     listen_address: str = f":{DEFAULT_PORT}"
     run_id: str = ""
     labels: dict[str, str] = field(default_factory=dict)
@@ -106,6 +223,22 @@ class ExporterConfig:
         problems = _check({o.attr: getattr(self, o.attr) for o in OPTIONS})
         if problems:
             raise ConfigError(problems)
+
+
+def derive_run_id(output_dir: str | None) -> str:
+    """The ``run_id`` of a run that names none: the name of its output directory (``"run"`` when there is none).
+
+    Both exporters use it, so that a training run's series and those of its checkpoint analytics share
+    ``run_id``.
+
+    Example:
+        >>> derive_run_id("out/llama-full-2/"), derive_run_id("/"), derive_run_id(None)
+        ('llama-full-2', 'run', 'run')
+    """
+    if not output_dir:
+        return "run"
+    name = os.path.basename(os.path.normpath(output_dir))
+    return name or "run"
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
@@ -196,116 +329,148 @@ def _check_labels(v: Any) -> str | None:
 
 @dataclass(frozen=True)
 class Option:
+    """One setting: its :class:`ExporterConfig` field, YAML key, flag and environment variable.
+
+    Args:
+        attr: the :class:`ExporterConfig` field.
+        yaml: the dotted path in the YAML file; the flag is derived from it.
+        help: the ``--help`` text.
+        check: returns the problem with a value, or ``None`` when it is valid.
+        kind: how a flag or environment string is parsed: ``str``, ``int``, ``float``,
+            ``bool`` (``--no-`` negates the flag) or ``labels`` (repeatable ``KEY=VALUE``).
+        aliases: earlier flag spellings, without the leading ``--``; still accepted.
+    """
+
     attr: str
-    yaml: str  # dotted path in the YAML file
-    flag: str  # without the leading --
+    yaml: str
     help: str
     check: Callable[[Any], str | None]
-    kind: str = "str"  # str | int | float | bool | labels
+    kind: str = "str"
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        """The flag without the leading ``--``: the YAML key with ``_`` as ``-``, dots kept."""
+        return self.yaml.replace("_", "-")
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Every accepted spelling without the leading ``--``, the derived one first."""
+        return (self.flag, *self.aliases)
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", self.flag.upper())
+        # Environment variables were named after the flag spelling that is now the first alias;
+        # deployments set them, so they keep that name.
+        named_after = self.aliases[0] if self.aliases else self.flag
+        return ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", named_after.upper())
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("listen_address", "web.listen_address", "web.listen-address",
+    Option("listen_address", "web.listen_address",
            "Address to serve /metrics on; port 0 picks a free port.", _check_listen),
-    Option("port_in_use", "web.port_in_use", "web.port-in-use",
+    Option("port_in_use", "web.port_in_use",
            "When the port is taken: 'continue' (log one line, count the error, train without "
            "an endpoint) or 'fail' (raise before training starts).", _choice("continue", "fail")),
-    Option("linger_seconds", "web.linger_seconds", "linger",
+    Option("linger_seconds", "web.linger_seconds",
            "Block this many seconds when training ends, serving the last values (the end of training waits "
-           "for it; web.final_scrape_timeout_seconds does not).", _check_linger, "float"),
-    Option("final_scrape_timeout_seconds", "web.final_scrape_timeout_seconds", "web.final-scrape-timeout",
+           "for it; web.final_scrape_timeout_seconds does not).", _check_linger, "float", aliases=("linger",)),
+    Option("final_scrape_timeout_seconds", "web.final_scrape_timeout_seconds",
            "After training ends, keep serving in the background until each client that was scraping has "
            "read the final state (it is expected back within twice its scrape interval plus 1 s), at most "
            "this many seconds; the return from training does not wait, the exit of the process does. "
-           "0: stop serving at once.", _check_linger, "float"),
-    Option("sigterm", "signals.sigterm", "signals.sigterm",
+           "0: stop serving at once.", _check_linger, "float", aliases=("web.final-scrape-timeout",)),
+    Option("sigterm", "signals.sigterm",
            "On SIGTERM (handler installed from the main thread): state terminated, kept scrapeable for "
            "web.sigterm_timeout_seconds, then the handler installed before runs (by default the process "
            "dies of the signal).", _check_bool, "bool"),
-    Option("sigterm_timeout_seconds", "web.sigterm_timeout_seconds", "web.sigterm-timeout",
+    Option("sigterm_timeout_seconds", "web.sigterm_timeout_seconds",
            "On SIGTERM, keep the process at most this many seconds for a scrape to read state terminated; "
            "keep it below the scheduler's grace period (Kubernetes and Slurm: 30 s). 0: no wait.",
-           _check_linger, "float"),
-    Option("run_id", "run_id", "run-id",
+           _check_linger, "float", aliases=("web.sigterm-timeout",)),
+    Option("run_id", "run_id",
            "Value of the run_id label; empty derives it from the Trainer's output dir.", _check_run_id),
-    Option("labels", "labels", "label",
-           "Extra constant label KEY=VALUE on every series (repeatable).", _check_labels, "labels"),
-    Option("ranks", "ranks", "ranks",
+    Option("labels", "labels",
+           "Extra constant label KEY=VALUE on every series (repeatable).", _check_labels, "labels",
+           aliases=("label",)),
+    Option("ranks", "ranks",
            "Multi-process runs: 'zero' exports from rank 0 only; 'all' exports from every rank "
            "on port + LOCAL_RANK with a rank label.", _choice("zero", "all")),
-    Option("gpu", "collectors.gpu", "collector.gpu", "GPU metrics from NVML at scrape time.", _check_bool, "bool"),
-    Option("host", "collectors.host", "collector.host", "Host CPU, memory, swap and disk (psutil).",
-           _check_bool, "bool"),
-    Option("layers", "collectors.layers", "collector.layers",
-           "Per-layer / per-module gradient norms and dead-layer count.", _check_bool, "bool"),
-    Option("update_ratio", "collectors.update_ratio", "collector.update-ratio",
+    Option("gpu", "collectors.gpu", "GPU metrics from NVML at scrape time.", _check_bool, "bool",
+           aliases=("collector.gpu",)),
+    Option("host", "collectors.host", "Host CPU, memory, swap and disk (psutil).",
+           _check_bool, "bool", aliases=("collector.host",)),
+    Option("layers", "collectors.layers",
+           "Per-layer / per-module gradient norms and dead-layer count.", _check_bool, "bool",
+           aliases=("collector.layers",)),
+    Option("update_ratio", "collectors.update_ratio",
            "Per-module ||dW||/||W|| of trainable weights (costs one copy of them on sampled steps).",
-           _check_bool, "bool"),
-    Option("predictions", "collectors.predictions", "collector.predictions",
-           "Token entropy and top-1 / top-5 confidence from the training logits.", _check_bool, "bool"),
-    Option("layers_interval", "intervals.layers_steps", "layers.interval-steps",
-           "Sample per-layer gradient norms every N optimizer steps.", _positive_int, "int"),
-    Option("update_ratio_interval", "intervals.update_ratio_steps", "update-ratio.interval-steps",
-           "Sample update ratios every N optimizer steps.", _positive_int, "int"),
-    Option("predictions_interval", "intervals.predictions_steps", "predictions.interval-steps",
-           "Sample entropy / confidence every N optimizer steps.", _positive_int, "int"),
-    Option("min_sample_period_seconds", "intervals.min_period_seconds", "intervals.min-period-seconds",
+           _check_bool, "bool", aliases=("collector.update-ratio",)),
+    Option("predictions", "collectors.predictions",
+           "Token entropy and top-1 / top-5 confidence from the training logits.", _check_bool, "bool",
+           aliases=("collector.predictions",)),
+    Option("layers_interval", "intervals.layers_steps",
+           "Sample per-layer gradient norms every N optimizer steps.", _positive_int, "int",
+           aliases=("layers.interval-steps",)),
+    Option("update_ratio_interval", "intervals.update_ratio_steps",
+           "Sample update ratios every N optimizer steps.", _positive_int, "int",
+           aliases=("update-ratio.interval-steps",)),
+    Option("predictions_interval", "intervals.predictions_steps",
+           "Sample entropy / confidence every N optimizer steps.", _positive_int, "int",
+           aliases=("predictions.interval-steps",)),
+    Option("min_sample_period_seconds", "intervals.min_period_seconds",
            "Sample layers, update ratios and predictions at most once per this many seconds (0: every due "
            "step); a scrape reads only the newest sample, so faster ones would be overwritten unread.",
            _check_linger, "float"),
-    Option("ema_alpha", "loss.ema_alpha", "loss.ema-alpha",
+    Option("ema_alpha", "loss.ema_alpha",
            "Weight of the newest loss in the EMA (0 < alpha <= 1).", _check_alpha, "float"),
-    Option("variance_window", "loss.variance_window", "loss.variance-window",
+    Option("variance_window", "loss.variance_window",
            "Number of recent finite losses the variance is taken over.", _positive_int, "int"),
-    Option("loss_window_seconds", "loss.window_seconds", "loss.window-seconds",
+    Option("loss_window_seconds", "loss.window_seconds",
            "Seconds of steps training_loss_recent_max is taken over; longer than the scrape interval, so a "
            "one-step spike is scraped.", _check_window, "float"),
-    Option("evaluation", "collectors.eval", "collector.eval",
+    Option("evaluation", "collectors.eval",
            "Fixed evaluation (generation on the eval set given to the callback) every eval.interval_steps "
-           "steps and at each Trainer evaluation.", _check_bool, "bool"),
-    Option("previews", "collectors.previews", "collector.previews",
+           "steps and at each Trainer evaluation.", _check_bool, "bool", aliases=("collector.eval",)),
+    Option("previews", "collectors.previews",
            "Append every fixed-evaluation answer to the preview history (JSONL, see history.dir).",
-           _check_bool, "bool"),
-    Option("drift", "collectors.drift", "collector.drift",
+           _check_bool, "bool", aliases=("collector.previews",)),
+    Option("drift", "collectors.drift",
            "Dataset drift: JS divergence of recent training batches from the reference batches.",
-           _check_bool, "bool"),
-    Option("eval_interval", "eval.interval_steps", "eval.interval-steps",
+           _check_bool, "bool", aliases=("collector.drift",)),
+    Option("eval_interval", "eval.interval_steps",
            "Run the fixed evaluation every N optimizer steps (0: only at Trainer evaluations).",
            _non_negative_int, "int"),
-    Option("eval_budget", "eval.budget", "eval.budget",
+    Option("eval_budget", "eval.budget",
            "Examples asked per fixed evaluation: the fixed ones first, then earlier failures and training "
            "examples in rotation.", _positive_int, "int"),
-    Option("eval_max_new_tokens", "eval.max_new_tokens", "eval.max-new-tokens",
+    Option("eval_max_new_tokens", "eval.max_new_tokens",
            "Bound on generated tokens per answer (0: twice the longest golden answer asked).",
            _non_negative_int, "int"),
-    Option("eval_batch_size", "eval.batch_size", "eval.batch-size",
+    Option("eval_batch_size", "eval.batch_size",
            "Prompts generated (and scored) together in one batch; memory grows with it (KV cache, logits).",
            _positive_int, "int"),
-    Option("eval_failure_pool", "eval.failure_pool", "eval.failure-pool",
+    Option("eval_failure_pool", "eval.failure_pool",
            "Training examples answered wrong that are asked again (source failures) until right; 0 disables.",
            _non_negative_int, "int"),
-    Option("history_dir", "history.dir", "history.dir",
+    Option("history_dir", "history.dir",
            "Directory of the preview history (empty: OUTPUT_DIR/logs/preview).", _check_dir),
-    Option("history_compress_days", "history.compress_after_days", "history.compress-after-days",
+    Option("history_compress_days", "history.compress_after_days",
            "Gzip preview history day files older than this many days.", _positive_int, "int"),
-    Option("history_delete_days", "history.delete_after_days", "history.delete-after-days",
+    Option("history_delete_days", "history.delete_after_days",
            "Delete preview history day files older than this many days.", _positive_int, "int"),
-    Option("drift_sample_every", "drift.sample_every", "drift.sample-every",
+    Option("drift_sample_every", "drift.sample_every",
            "Profile every N-th training batch (forward pass); 1 profiles every batch.", _positive_int, "int"),
-    Option("drift_window", "drift.window_batches", "drift.window-batches",
+    Option("drift_window", "drift.window_batches",
            "Recent profiled training batches the current data profile is taken over.",
            _positive_int, "int"),
-    Option("drift_reference_batches", "drift.reference_batches", "drift.reference-batches",
+    Option("drift_reference_batches", "drift.reference_batches",
            "First profiled training batches that make the reference profile (unless the callback is given one).",
            _positive_int, "int"),
-    Option("drift_top_k", "drift.top_k", "drift.top-k",
+    Option("drift_top_k", "drift.top_k",
            "Most frequent reference tokens compared one by one; the rest share an 'other' bucket.",
            _positive_int, "int"),
-    Option("drift_max_length", "drift.max_length", "drift.max-length",
+    Option("drift_max_length", "drift.max_length",
            "Length at which a sequence counts as truncated (0: when its last token is not end-of-sequence).",
            _non_negative_int, "int"),
 )
@@ -325,7 +490,23 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a config file into ``{attr: value}``; every unknown key is listed in one error."""
+    """Read a YAML config file into ``{field: value}`` with :class:`ExporterConfig` field names.
+
+    The file holds the YAML keys of :data:`OPTIONS` nested at each dot (``loss.ema_alpha``
+    is ``ema_alpha`` under ``loss``); the values are not checked here.
+
+    Args:
+        path: the file.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML or not a mapping, or has unknown
+            keys (every one listed).
+
+    Example::
+
+        >>> ExporterConfig.from_kwargs(**load_yaml("exporter.yml")).ema_alpha
+        0.05
+    """
     values, problems = _read_yaml(path)
     if problems:
         raise ConfigError(problems)
@@ -386,7 +567,18 @@ def _convert(opt: Option, raw: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: ExporterConfig | None = None) -> None:
-    """Add every exporter option as a Go-exporter style flag showing its default."""
+    """Add ``--config.file`` and every option as a Go-exporter style flag showing its default.
+
+    Each flag is spelled as its YAML key with ``_`` as ``-`` (``--web.linger-seconds``);
+    an earlier spelling is accepted too (``--linger``) and ``--help`` lists both. A boolean
+    is negated with ``--no-`` before either spelling. The values land in the namespace
+    under the :class:`ExporterConfig` field names, ``None`` where not given, for
+    :func:`resolve`.
+
+    Args:
+        parser: the parser (or subcommand parser) to add the ``exporter`` group to.
+        defaults: the defaults ``--help`` shows. Defaults to ``ExporterConfig()``.
+    """
     base = defaults or ExporterConfig()
     group = parser.add_argument_group("exporter")
     group.add_argument("--config.file", dest="config_file", metavar="FILE", default=None,
@@ -396,16 +588,17 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: ExporterConfig | No
         shown = "" if default in ("", {}) else f" (default: {default}; env {opt.env})"
         if not shown:
             shown = f" (env {opt.env})"
+        spellings = [f"--{flag}" for flag in opt.flags]
         if opt.kind == "bool":
-            group.add_argument(f"--{opt.flag}", dest=opt.attr, action="store_true", default=None,
+            group.add_argument(*spellings, dest=opt.attr, action="store_true", default=None,
                                help=opt.help + shown)
-            group.add_argument(f"--no-{opt.flag}", dest=opt.attr, action="store_false", default=None,
-                               help=argparse.SUPPRESS)
+            group.add_argument(*(f"--no-{flag}" for flag in opt.flags), dest=opt.attr, action="store_false",
+                               default=None, help=argparse.SUPPRESS)
         elif opt.kind == "labels":
-            group.add_argument(f"--{opt.flag}", dest=opt.attr, action="append", default=None,
+            group.add_argument(*spellings, dest=opt.attr, action="append", default=None,
                                metavar="KEY=VALUE", help=opt.help + shown)
         else:
-            group.add_argument(f"--{opt.flag}", dest=opt.attr, default=None, metavar=opt.attr.upper(),
+            group.add_argument(*spellings, dest=opt.attr, default=None, metavar=opt.attr.upper(),
                                help=opt.help + shown)
 
 
@@ -414,7 +607,29 @@ def resolve(
     environ: Mapping[str, str] | None = None,
     defaults: ExporterConfig | None = None,
 ) -> ExporterConfig:
-    """Merge defaults < YAML < environment < flags and validate; raises ConfigError listing all problems."""
+    """The settings from a namespace filled by :func:`add_arguments`, validated.
+
+    Merges, lowest first: ``defaults``, the YAML file (``--config.file``, else the file
+    named by ``TRAINING_EXPORTER_CONFIG_FILE``), the environment, the flags.
+
+    Args:
+        namespace: the parsed command line.
+        environ: the environment to read. Defaults to ``os.environ``.
+        defaults: the lowest layer. Defaults to ``ExporterConfig()``.
+
+    Raises:
+        ConfigError: listing every problem at once: an unreadable or invalid YAML file, an
+            unknown YAML key, a flag or variable that does not parse (named by the flag's
+            YAML-derived spelling or the variable), a winning value that fails its check
+            (named by its variable or YAML key).
+
+    Example::
+
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> resolve(parser.parse_args(["--linger", "30"]), environ={}).linger_seconds
+        30.0
+    """
     flags = {o.attr: raw for o in OPTIONS if (raw := getattr(namespace, o.attr, None)) is not None}
     return _merge(flags, environ, defaults, getattr(namespace, "config_file", None), parse_explicit=True)
 
@@ -424,9 +639,27 @@ def resolve_settings(
     environ: Mapping[str, str] | None = None,
     defaults: ExporterConfig | None = None,
 ) -> ExporterConfig:
-    """Keyword arguments (``{attr: value}``, used as given) treated like flags: explicit > environment >
-    YAML file named by ``TRAINING_EXPORTER_CONFIG_FILE`` > default. Raises one ConfigError listing every
-    unknown setting and bad value, each named by where it came from."""
+    """The settings from keyword arguments, treated like flags, validated.
+
+    Merges, lowest first: ``defaults``, the YAML file named by ``TRAINING_EXPORTER_CONFIG_FILE``,
+    the environment, ``explicit``.
+
+    Args:
+        explicit: ``{field: value}`` with :class:`ExporterConfig` field names; the values are
+            used as given, not parsed.
+        environ: the environment to read. Defaults to ``os.environ``.
+        defaults: the lowest layer. Defaults to ``ExporterConfig()``.
+
+    Raises:
+        ConfigError: listing every problem at once: an unknown field name, an unreadable or
+            invalid YAML file, an unknown YAML key, a variable that does not parse, a winning
+            value that fails its check; each is named by where it came from.
+
+    Example::
+
+        >>> resolve_settings({"ema_alpha": 0.05}, environ={"TRAINING_EXPORTER_COLLECTOR_GPU": "false"}).gpu
+        False
+    """
     return _merge(explicit, environ, defaults)
 
 
@@ -460,6 +693,7 @@ def _merge(
         if opt.attr in explicit:
             # An explicit value shadows the environment entirely, so a bad variable under it is no error,
             # just as a bad YAML value under a variable never was.
+            # A flag is named by its derived spelling, whichever spelling was typed.
             source, raw, parse = f"--{opt.flag}", explicit[opt.attr], parse_explicit
         elif opt.env in env:
             source, raw, parse = opt.env, env[opt.env], True

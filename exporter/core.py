@@ -44,7 +44,6 @@ they name, as for the callback; the fixed evaluation is optional, see
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import math
 import os
@@ -62,13 +61,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporter import __version__, lifecycle
+from exporter import lifecycle, stats
 from exporter import metrics as m
 from exporter.config import ExporterConfig
 from exporter.drift import DriftProfiler, padding_free_real
 from exporter.errors import ErrorTracker
-from exporter.eval_runner import Contract, EvalExport, FixedEvaluator
+from exporter.evaluation import Contract, EvalExport, FixedEvaluator
 from exporter.layers import ParamGroups
+from exporter.version import __version__
 
 log = logging.getLogger("training_exporter")
 
@@ -76,11 +76,6 @@ log = logging.getLogger("training_exporter")
 # pending without a scrape, so memory stays bounded when nobody is scraping.
 MAX_PENDING_STEPS = 512
 MAX_EVAL_NAMES = 50
-# Entropy / confidence of a sampled batch look at no more positions than fit
-# PREDICTION_BUDGET logits (64 MB per float32 copy: 111 positions of a 150k
-# vocabulary) and at most PREDICTION_MAX_POSITIONS.
-PREDICTION_BUDGET = 2**24
-PREDICTION_MAX_POSITIONS = 1024
 # The statistics of training_statistic_unavailable{statistic}.
 _PREDICTION_SERIES = ("token_entropy", "top1_confidence", "top5_confidence")
 
@@ -120,7 +115,48 @@ class _ScrapeCollector(Collector):
 
 
 class TrainingMonitor:
-    """Owns the registry, the metrics and the HTTP endpoint of one training process."""
+    """Owns the registry, the metrics and the HTTP endpoint of one training process.
+
+    A plain PyTorch loop calls its methods at the points named in this
+    module's docstring; :class:`~exporter.PrometheusCallback` calls them from
+    the Trainer's hooks. Every method past the constructor counts and logs a
+    failure instead of raising it (``training_exporter_collector_errors_total``).
+
+    Args:
+        config: every setting; None reads them as the callback does: the
+            ``TRAINING_EXPORTER_*`` environment variables, then the YAML file
+            named by ``TRAINING_EXPORTER_CONFIG_FILE``, then the defaults.
+        run_id: the ``run_id`` label of every series, unless ``config.run_id`` is set.
+        output_dir: the run's output directory: the disk whose free space the host
+            collector reports, and the parent of the preview history
+            (``logs/preview``) unless ``history.dir`` is set (default: the
+            working directory).
+        rank: this process's global rank (default: ``$RANK`` or 0).
+        local_rank: its rank on this machine (default: ``$LOCAL_RANK`` or 0);
+            with ``ranks="all"`` the endpoint listens on ``port + local_rank``.
+        registry: the registry to fill; a fresh ``CollectorRegistry`` when None,
+            so that two monitors in one process never collide.
+
+    Raises:
+        ConfigError: ``config`` is None and the environment or the config file
+            holds a bad value (all of them listed in one error).
+        PortInUseError: from :meth:`start`, when the listen address is taken and
+            ``web.port_in_use`` is ``"fail"``.
+
+    Example::
+
+        from prometheus_client import CollectorRegistry
+        from exporter import ExporterConfig, TrainingMonitor
+
+        registry = CollectorRegistry()
+        with TrainingMonitor(ExporterConfig(listen_address="127.0.0.1:0"), run_id="r1",
+                             registry=registry) as monitor:  # leaving it ends the run
+            monitor.start()  # serve /metrics
+            monitor.watch(model)
+            monitor.begin(max_steps=100)
+            ...  # step_begin / before_optimizer_step / after_optimizer_step / step_end per step
+        registry.get_sample_value("training_loss", {"run_id": "r1"})
+    """
 
     def __init__(
         self,
@@ -186,17 +222,16 @@ class TrainingMonitor:
         self._pending_predictions: torch.Tensor | None = None
 
         # Per micro-batch of the current step: (loss as the model returned it, what its loss-token count is
-        # taken from, num_items_in_batch or None); see _step_loss for how they make the step loss.
-        self._micro: list[tuple[torch.Tensor, _Tokens, torch.Tensor | int | float | None]] = []
+        # taken from, num_items_in_batch or None); see stats.step_loss for how they make the step loss.
+        self._micro: list[stats.MicroBatch] = []
         # Whether a num_items_in_batch the model sees counts this process's tokens only; False under DDP
         # with the Trainer's average_tokens_across_devices, where it counts every rank's (set by the callback).
         self.items_are_local = True
         self._pending_nonfinite_grads: torch.Tensor | None = None
         self._pending_sample_tensors: list[torch.Tensor] = []
         self._nonfinite_grad_warned = False
-        self._ema: float | None = None
-        self._window: collections.deque[float] = collections.deque(maxlen=self.config.variance_window)
-        self._recent: collections.deque[tuple[float, float, float]] = collections.deque()
+        self._loss_stats = stats.LossStats(self.config.ema_alpha, self.config.variance_window,
+                                           self.config.loss_window_seconds)
 
         self._groups: ParamGroups | None = None
         self._hook: Any = None
@@ -386,7 +421,7 @@ class TrainingMonitor:
         try:
             loss = _field(output, "loss", 0)
             if isinstance(loss, torch.Tensor):
-                count = _label_source(module, output, kwargs)
+                count = stats.label_source(module, output, kwargs)
                 # Under average_tokens_across_devices the Trainer scales the returned loss in place afterwards
                 # (loss *= world size), which a detached view would follow: a copy then.
                 kept = loss.detach() if self.items_are_local else loss.detach().clone()
@@ -494,40 +529,9 @@ class TrainingMonitor:
         topk over "labelled + random tie-break" scores, which prefers labelled
         ones and has a static shape; unlabelled picks get weight 0.
         """
-        with torch.no_grad():
-            # With a head, ``logits`` are hidden states: only the drawn rows are projected, so the cost is
-            # that of the drawn positions, not of the sequence (what a fused head exists to avoid).
-            vocab = logits.shape[-1] if head is None else _head_vocab(head)
-            flat = logits.reshape(-1, logits.shape[-1])
-            if isinstance(labels, torch.Tensor) and labels.shape == logits.shape[:-1]:
-                # Causal LM: the logits at position t predict the label at t+1.
-                keep = torch.nn.functional.pad(labels[..., 1:] != -100, (0, 1)).reshape(-1).float()
-            elif isinstance(mask, torch.Tensor) and mask.shape == logits.shape[:-1]:
-                keep = (mask != 0).reshape(-1).float()
-            else:
-                keep = torch.ones(flat.shape[0], device=logits.device)
-            positions = max(1, min(PREDICTION_MAX_POSITIONS, PREDICTION_BUDGET // vocab))
-            if keep.numel() <= positions:
-                weight, rows = keep, flat
-            else:
-                score = torch.rand(keep.shape, device=keep.device).mul_(0.5).add_(keep)
-                top_score, idx = score.topk(positions)
-                weight, rows = (top_score >= 1.0).float(), flat.index_select(0, idx)
-            if head is not None:
-                rows = head(rows)
-            # x - logsumexp(x) rather than log_softmax: the same values, and on a
-            # CPU less than half the time for the small rows sampled here.
-            logp = rows.float()
-            logp = logp - logp.logsumexp(-1, keepdim=True)
-            p = logp.exp()
-            top = p.topk(min(5, vocab), dim=-1).values
-            # One weighted sum gives every statistic: columns are sum p*log p, the
-            # top-k probabilities and the weight itself (weights are 0/1, so
-            # weight . weight counts the positions).
-            per_pos = torch.cat([(p * logp).sum(-1, keepdim=True), top, weight.unsqueeze(-1)], dim=-1)
-            stats = weight @ per_pos
+        sums = stats.logit_statistics(logits, labels, mask, head)
         with self._pending_lock:
-            self._pending_predictions = stats
+            self._pending_predictions = sums
 
     def step_begin(self) -> None:
         try:
@@ -634,7 +638,7 @@ class TrainingMonitor:
             self.child(m.LAST_STEP_TIME).set(time.time())
             micro, self._micro = self._micro, []
             if micro:
-                step_loss = _step_loss(micro, self.items_are_local)
+                step_loss = stats.step_loss(micro, self.items_are_local)
                 with self._pending_lock:
                     self._pending_losses.append(step_loss)
                     self._pending_loss_times.append(time.monotonic())
@@ -692,12 +696,10 @@ class TrainingMonitor:
                 if updates is not None and self._groups is not None:
                     for (layer, module), v in zip(self._groups.labels, updates.tolist(), strict=True):
                         self.child(m.UPDATE_RATIO, layer, module).set(v)
-                if preds is not None:
-                    neg_entropy, *top, positions = preds.tolist()
-                    if positions > 0:
-                        self.child(m.TOKEN_ENTROPY).set(-neg_entropy / positions)
-                        self.child(m.TOP1_CONFIDENCE).set(top[0] / positions)
-                        self.child(m.TOP5_CONFIDENCE).set(sum(top) / positions)
+                if preds is not None and (means := stats.predictions(preds.tolist())) is not None:
+                    self.child(m.TOKEN_ENTROPY).set(means.entropy)
+                    self.child(m.TOP1_CONFIDENCE).set(means.top1)
+                    self.child(m.TOP5_CONFIDENCE).set(means.top5)
             except Exception as exc:
                 self.errors.record("flush", exc)
 
@@ -712,40 +714,25 @@ class TrainingMonitor:
                     "training_nonfinite_gradients_total, the loss metrics show the model's loss")
 
     def _export_losses(self, values: list[float], times: list[float]) -> None:
-        alpha = self.config.ema_alpha
         hist = self.child(m.STEP_LOSS)
         for v, t in zip(values, times, strict=True):
-            if not math.isfinite(v):
+            if self._loss_stats.observe(v, t):
+                hist.observe(v)
+            else:
                 # Histogram.observe(NaN) would poison _sum forever: count instead.
                 self.child(m.NONFINITE_LOSS).inc()
-                continue
-            # Against the EMA *before* this step: during a run's fast descent
-            # every step is below it, a spike is far above it.
-            ratio = v / self._ema if self._ema is not None and self._ema > 0 else 1.0
-            self._ema = v if self._ema is None else alpha * v + (1 - alpha) * self._ema
-            self._window.append(v)
-            self._recent.append((t, v, ratio))
-            hist.observe(v)
         # The raw gauge shows the newest value as it is, NaN included, so rules see it.
         self.child(m.LOSS).set(values[-1])
-        if self._ema is not None:
-            self.child(m.LOSS_EMA).set(self._ema)
-        if len(self._window) >= 2:
-            mean = sum(self._window) / len(self._window)
-            var = sum((x - mean) ** 2 for x in self._window) / (len(self._window) - 1)
-            self.child(m.LOSS_VARIANCE).set(var)
+        if self._loss_stats.ema is not None:
+            self.child(m.LOSS_EMA).set(self._loss_stats.ema)
+        if (variance := self._loss_stats.variance()) is not None:
+            self.child(m.LOSS_VARIANCE).set(variance)
 
     def _export_recent_max(self) -> None:
-        # The last-step gauge shows one step per scrape; at 1 step/s and a 15 s
-        # scrape most steps are never seen. The max over a time window keeps a
-        # one-step spike on /metrics until a scrape has seen it.
-        horizon = time.monotonic() - self.config.loss_window_seconds
-        recent = self._recent
-        while recent and recent[0][0] < horizon:
-            recent.popleft()
-        if recent:
-            self.child(m.LOSS_RECENT_MAX).set(max(v for _, v, _ in recent))
-            self.child(m.LOSS_SPIKE_RATIO).set(max(r for _, _, r in recent))
+        recent = self._loss_stats.recent_max(time.monotonic())
+        if recent is not None:
+            self.child(m.LOSS_RECENT_MAX).set(recent[0])
+            self.child(m.LOSS_SPIKE_RATIO).set(recent[1])
 
     def observe_evaluation(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Export an evaluation's numbers, run at ``step`` (default: the last optimizer step)."""
@@ -778,7 +765,7 @@ class TrainingMonitor:
     def set_evaluation(
         self, eval_set: Iterable[Any], tokenizer: Any, *, contract: Contract | None = None
     ) -> FixedEvaluator:
-        """Attach a fixed eval set (see :mod:`exporter.eval_runner`); run it with :meth:`maybe_evaluate`.
+        """Attach a fixed eval set (see :mod:`exporter.evaluation`); run it with :meth:`maybe_evaluate`.
 
         Raises ``ValueError`` for a malformed eval set or a tokenizer without an
         end-of-sequence id: bad input, found before training starts.
@@ -897,83 +884,6 @@ class TrainingMonitor:
         self.end("crashed" if tp is not None else "completed")
 
 
-# Where a micro-batch's loss-token count comes from, read only when the step loss needs it: ("count", n),
-# ("mask", a 0/1 tensor to sum), ("labels", labels whose non -100 entries count), ("shifted", causal labels
-# whose positions 1.. count), or None when unknown.
-_Tokens = tuple[str, Any] | None
-
-
-def _step_loss(
-    micro: list[tuple[torch.Tensor, _Tokens, torch.Tensor | int | float | None]], items_are_local: bool = True
-) -> torch.Tensor:
-    """The step's loss from its micro-batches: this process's mean over its own loss tokens.
-
-    That is how the trainers weight a step (the Trainer divides the summed
-    token losses of all micro-batches by their token count, TRL's SFTTrainer
-    likewise). A micro-batch loss the model divided by ``num_items_in_batch``
-    (the tokens of the whole step, of every rank under
-    ``average_tokens_across_devices``) times that number is its own token sum;
-    a plain per-micro-batch mean times its token count is too. Dividing by
-    this process's own token count gives its token mean, whatever the other
-    ranks saw. Device ops only, and none for one micro-batch whose loss is
-    already its own token mean (the common case).
-    """
-    if len(micro) == 1 and (micro[0][2] is None or items_are_local):
-        return micro[0][0]
-    counts = [_token_count(source) for _, source, _ in micro]
-    if all(c is not None for c in counts):
-        device = micro[0][0].device
-        sums, ns = [], []
-        for (loss, _, items), count in zip(micro, counts, strict=True):
-            c = torch.as_tensor(count, device=device).reshape(()).to(torch.float64)
-            weight = c if items is None else torch.as_tensor(items, device=device).reshape(())
-            total = loss.reshape(()).to(device, torch.float64) * weight
-            # A micro-batch without loss tokens adds nothing (its own loss may be 0 / 0).
-            sums.append(torch.where(c > 0, total, torch.zeros((), dtype=torch.float64, device=device)))
-            ns.append(c)
-        n, summed = torch.stack(ns).sum(), torch.stack(sums).sum()
-        return torch.where(n > 0, summed / n.clamp_min(1), summed)
-    # Loss tokens unknown (no labels seen): the plain mean of the micro-batch losses.
-    return torch.stack([t.reshape(()).to(micro[0][0].device) for t, _, _ in micro]).mean()
-
-
-def _token_count(source: _Tokens) -> torch.Tensor | int | None:
-    if source is None:
-        return None
-    kind, value = source
-    if kind == "count":
-        return value
-    if kind == "mask":
-        return value.sum()
-    if kind == "labels":
-        return (value != -100).sum()
-    return (value[..., 1:] != -100).sum()
-
-
-def _label_source(module: torch.nn.Module, output: Any, kwargs: Mapping[str, Any]) -> _Tokens:
-    """Where the loss-token count of a micro-batch comes from (no device op here; see _token_count).
-
-    TRL's fused head returns its own ``label_mask``. A causal LM's loss is over
-    the labels shifted by one (``shift_labels`` when the caller shifted them);
-    an encoder-decoder's over its labels; a sequence classifier's over its rows.
-    """
-    # By name only: a plain tuple output has no label mask at any position.
-    label_mask = output.get("label_mask") if isinstance(output, Mapping) else getattr(output, "label_mask", None)
-    if isinstance(label_mask, torch.Tensor):
-        return ("mask", label_mask)
-    shifted = kwargs.get("shift_labels")
-    if isinstance(shifted, torch.Tensor):
-        return ("labels", shifted)
-    labels = kwargs.get("labels")
-    if not isinstance(labels, torch.Tensor):
-        return None
-    if labels.dim() == 1:
-        return ("count", labels.numel())
-    if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
-        return ("labels", labels)
-    return ("shifted", labels)
-
-
 def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
     """The transformer under a (peft-wrapped) causal LM, whose last hidden state a fused head projects."""
     inner = model
@@ -989,13 +899,6 @@ def _output_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if isinstance(head, torch.nn.Module) else None
-
-
-def _head_vocab(head: torch.nn.Module) -> int:
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return int(weight.shape[0])
-    return int(getattr(head, "out_features", 1))
 
 
 def _field(output: Any, name: str, index: int) -> Any:

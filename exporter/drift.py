@@ -39,7 +39,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from exporter import metrics as m
 from exporter.errors import ErrorTracker
-from exporter.evaluation import js_divergence
+from exporter.evaluation.scoring import js_divergence
 
 log = logging.getLogger("training_exporter")
 

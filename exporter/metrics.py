@@ -1,8 +1,9 @@
 """Every metric the training exporter publishes: name, type, help, unit, labels, buckets.
 
-This module is the single source of truth. ``docs/metrics.md``, the Prometheus
-rules and the dashboards are checked against it by tests, so a rename here must
-be carried to every consumer in the same change.
+This module is the single source of truth. The tables of ``docs/metrics.md``
+are generated from it (``docs/generate.py``), and the Prometheus rules and the
+dashboards are checked against it by tests, so a rename here must be carried to
+every consumer in the same change.
 
 Every family additionally carries the constant labels of the run (``run_id``,
 any extra labels from the configuration and, when each rank exports, ``rank``);
@@ -17,8 +18,6 @@ from typing import Literal
 
 Kind = Literal["gauge", "counter", "histogram"]
 
-NAMESPACE = "training"
-
 
 @dataclass(frozen=True)
 class MetricSpec:
@@ -30,11 +29,6 @@ class MetricSpec:
     buckets: tuple[float, ...] = ()
     # Who produces it: the core (pushed on training events) or a scrape-time collector.
     source: str = "core"
-
-    @property
-    def exposed_name(self) -> str:
-        """The sample name a scrape shows (counters gain ``_total`` once)."""
-        return self.name
 
 
 # Step durations of fine-tuning runs range from ~10 ms (tiny models, CPU tests)
@@ -320,19 +314,10 @@ def exposed_names(spec: MetricSpec) -> tuple[str, ...]:
 
 
 def markdown_table(specs: tuple[MetricSpec, ...] = ALL) -> str:
-    """A reference table embedded in docs/metrics.md (a test keeps the two in step)."""
+    """A reference table of ``specs``, as docs/generate.py writes it into docs/metrics.md."""
     rows = ["| name | type | unit | labels | help |", "|---|---|---|---|---|"]
     for spec in specs:
         labels = ", ".join(f"`{x}`" for x in spec.labels) or "-"
         rows.append(f"| `{spec.name}` | {spec.kind} | {spec.unit or '-'} | {labels} | {spec.help} |")
     return "\n".join(rows) + "\n"
 
-
-if __name__ == "__main__":
-    from analytics_jobs import metrics as analytics
-
-    print("<!-- BEGIN GENERATED -->")
-    print(markdown_table(), end="")
-    print("<!-- END GENERATED -->\n\n## Analytics exporter\n\n<!-- BEGIN GENERATED ANALYTICS -->")
-    print(markdown_table(analytics.ALL), end="")
-    print("<!-- END GENERATED ANALYTICS -->")

@@ -1,4 +1,4 @@
-"""Shared test setup."""
+"""Shared test setup. The helpers the test modules import live in tests/support/ (skip markers: support.runif)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import pytest
 import requests
 import yaml
 from prometheus_client import CollectorRegistry
+from support.runif import run_if
 
 from exporter import metrics as m
 from exporter.advisor import analysis as a
@@ -28,12 +29,10 @@ from exporter.advisor.client import AdvisorError, duration_seconds, pick_run, se
 from exporter.advisor.render import to_dict, to_json, to_text
 from exporter.config import ExporterConfig
 from exporter.core import TrainingMonitor
-from exporter.localstack import (
-    PROMETHEUS,
+from exporter.demo.localstack import (
     ROOT,
     Process,
     free_port,
-    missing_binaries,
     project_rule_files,
     start_prometheus,
     stop_all,
@@ -398,8 +397,7 @@ def advise(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
                           timeout=timeout, cwd=ROOT)
 
 
-needs_prometheus = pytest.mark.skipif(bool(missing_binaries(PROMETHEUS)),
-                                      reason=f"needs {PROMETHEUS} (Debian package prometheus)")
+needs_prometheus = run_if(prometheus=True)
 
 
 @pytest.fixture()

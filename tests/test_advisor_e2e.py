@@ -38,17 +38,17 @@ from typing import Any
 
 import pytest
 import yaml
+from support.runif import run_if
 
-from exporter.advisor import CLEAR, advise
+from exporter.advisor import advise
 from exporter.advisor.analysis import Report
+from exporter.advisor.cli import CLEAR
 from exporter.advisor.client import AdvisorError, Prometheus
-from exporter.localstack import (
-    PROMETHEUS,
+from exporter.demo.localstack import (
     ROOT,
     RULES_DIR,
     Process,
     free_port,
-    missing_binaries,
     project_rule_files,
     start_prometheus,
     stop_all,
@@ -56,8 +56,7 @@ from exporter.localstack import (
     write_prometheus_config,
 )
 
-pytestmark = pytest.mark.skipif(bool(missing_binaries(PROMETHEUS)),
-                                reason=f"needs {PROMETHEUS} (Debian package prometheus)")
+pytestmark = run_if(prometheus=True)
 
 NAN_STEP = 150
 # Past the format-learning start, before the slow stretch around steps 350-450.
@@ -69,7 +68,7 @@ DEADLINE_S = 150
 # {run_id: pid} once all are started, then {"run_id", "exit"} as each ends. SIGTERM is passed on.
 LAUNCHER = r"""
 import json, os, signal, sys, traceback
-import exporter.demo  # the heavy imports, done once and shared by the forked runs
+import exporter.demo.run  # the heavy imports, done once and shared by the forked runs
 from exporter.cli import main
 
 children = {}

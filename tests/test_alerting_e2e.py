@@ -35,10 +35,8 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e import (
-    ALERTMANAGER,
+from support.e2e import (
     ALERTMANAGER_CONFIG,
-    PROMETHEUS,
     AlertWatch,
     FakeSlack,
     FakeSMTP,
@@ -48,7 +46,6 @@ from e2e import (
     alert_names,
     alertmanager_alerts,
     free_port,
-    missing_binaries,
     project_rule_files,
     sample,
     start_alertmanager,
@@ -58,12 +55,10 @@ from e2e import (
     write_alertmanager_config,
     write_prometheus_config,
 )
+from support.runif import run_if
 
 pytestmark = [
-    pytest.mark.skipif(
-        bool(missing_binaries(PROMETHEUS, ALERTMANAGER)),
-        reason=f"needs {PROMETHEUS} and {ALERTMANAGER} (Debian packages prometheus, prometheus-alertmanager)",
-    ),
+    run_if(prometheus=True, alertmanager=True),
     # The local SMTP server requires AUTH on loopback without TLS, on purpose.
     pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning"),
 ]

@@ -3,7 +3,7 @@
 `amtool check-config` and `amtool config routes test` run on the committed
 file. Inhibition and the templates run in a real ``prometheus-alertmanager``
 fed with hand-made alerts over its API, notifying a local Slack stand-in and
-a local SMTP server (tests/e2e.py); tests/test_alerting_e2e.py drives the same
+a local SMTP server (tests/support/e2e.py); tests/test_alerting_e2e.py drives the same
 configuration from real rule evaluations.
 """
 
@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 import requests
 import yaml
-from e2e import (
-    ALERTMANAGER,
+from support.e2e import (
     ALERTMANAGER_CONFIG,
     AMTOOL,
     ROOT,
@@ -33,11 +32,10 @@ from e2e import (
     wait_until,
     write_alertmanager_config,
 )
+from support.runif import run_if
 
-needs_amtool = pytest.mark.skipif(bool(missing_binaries(AMTOOL)),
-                                  reason="needs amtool (Debian package prometheus-alertmanager)")
-needs_alertmanager = pytest.mark.skipif(bool(missing_binaries(ALERTMANAGER)),
-                                        reason="needs prometheus-alertmanager (Debian package)")
+needs_amtool = run_if(amtool=True)
+needs_alertmanager = run_if(alertmanager=True)
 
 CRITICAL = "training-critical"
 SLACK = "training-slack"

@@ -25,9 +25,10 @@ import psutil
 import pytest
 import requests
 import torch
-from numerics import U64, gamma, norm_rel, ratio_rel
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
+from support.numerics import U64, gamma, norm_rel, ratio_rel
+from support.runif import run_if
 from transformers import GPT2LMHeadModel, Trainer
 
 from analytics_jobs import cli as analytics_cli
@@ -35,8 +36,8 @@ from analytics_jobs import status
 from analytics_jobs.analysis import Analysis, AnalysisError, BaseModel, analyse
 from analytics_jobs.daemon import AnalyticsDaemon
 from exporter import cli
-from exporter.demo_task import ArithmeticDataset, CharTokenizer, DataCollator, build_model, make_training_args
-from exporter.localstack import free_port
+from exporter.demo.localstack.processes import free_port
+from exporter.demo.task import ArithmeticDataset, CharTokenizer, DataCollator, build_model, make_training_args
 
 STEPS = 4
 TOKENIZER = CharTokenizer()
@@ -127,7 +128,7 @@ def peft_merge64(
     With the base model in float64, peft casts the adapter to float64 too, so the merge is
     ``W0 + scale * B @ A`` of the stored values to float64 rounding, which is how the analysis
     defines max / min |w|. Each element is within ``gamma(r + 2)`` of its operands' magnitude
-    (tests/numerics.lowrank_merge_abs) on either side, bounded here over the whole model:
+    (tests/support/numerics.lowrank_merge_abs) on either side, bounded here over the whole model:
     ``|w0| + scale * (r |b| |a| + |bias|)`` with the largest scale (rsLoRA, alpha_pattern).
     """
     from peft import PeftModel
@@ -507,16 +508,20 @@ def test_once_exits_1_when_the_newest_checkpoint_is_broken(runs: dict[str, Path]
 
 
 def test_run_id_is_derived_like_the_training_exporter() -> None:
-    from exporter.callback import derive_run_id
+    from exporter import callback
 
-    for path in ("out/llama-full-2", "out/llama-full-2/", "/", "", "run"):
-        assert analytics_cli.derive_run_id(path) == derive_run_id(path or None)
+    # The training exporter's callback and this CLI derive run_id with the one function.
+    assert analytics_cli.derive_run_id is callback.derive_run_id
+    expected = {"out/llama-full-2": "llama-full-2", "out/llama-full-2/": "llama-full-2", "/": "run", "": "run",
+                "run": "run"}
+    for path, run_id in expected.items():
+        assert analytics_cli.derive_run_id(path) == run_id
 
 
 # --------------------------------------------------------------------------- the daemon on /metrics
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@run_if(promtool=True)
 def test_daemon_serves_metrics_that_promtool_accepts(runs: dict[str, Path], tmp_path: Path) -> None:
     watch = tmp_path / "llama-full-2"
     _copy_checkpoint(runs["full"] / f"checkpoint-{STEPS}", watch / f"checkpoint-{STEPS}")

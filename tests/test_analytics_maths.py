@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from numerics import U32, U64, gamma, lowrank_merge_abs, norm_rel
+from support.numerics import U32, U64, gamma, lowrank_merge_abs, norm_rel
 
 from analytics_jobs import report
 from analytics_jobs.analysis import Analysis, LayerResult

@@ -1,10 +1,9 @@
-"""PrometheusCallback on a real Trainer (tiny GPT-2 + LoRA from exporter.demo), read back from the registry
+"""PrometheusCallback on a real Trainer (tiny GPT-2 + LoRA from exporter.demo.run), read back from the registry
 and from the live HTTP endpoint."""
 
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,13 @@ import pytest
 import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from support.runif import run_if
 from transformers import TrainerCallback
 
 from exporter import PrometheusCallback
 from exporter.collectors.host import HostCollector
 from exporter.config import ConfigError, ExporterConfig
-from exporter.demo import build_trainer
+from exporter.demo.run import build_trainer
 
 MAX_STEPS = 16
 BATCH = 8
@@ -157,7 +157,7 @@ def test_missing_nvml_is_counted_and_training_completed(run: dict[str, Any]) -> 
     assert mon.registry.get_sample_value("training_state", {"run_id": "nan-run", "state": "completed"}) == 1.0
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@run_if(promtool=True)
 def test_live_endpoint_passes_promtool(run: dict[str, Any]) -> None:
     for page in run["probe"].pages.values():
         proc = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True)

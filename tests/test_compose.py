@@ -14,17 +14,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from support.runif import run_if
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PASSWORD_VAR = "GRAFANA_ADMIN_PASSWORD"
 DOCKER_COMPOSE = shutil.which("docker-compose")
 
-needs_compose = pytest.mark.skipif(
-    DOCKER_COMPOSE is None,
-    reason="docker-compose not on PATH (Debian package docker-compose; `make setup` installs it as root)")
+needs_compose = run_if(docker_compose=True)
 
 
 def _compose(*args: str, password: str | None = "test-only-password") -> subprocess.CompletedProcess[str]:

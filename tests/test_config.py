@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from exporter.config import (
     OPTIONS,
     ConfigError,
     ExporterConfig,
+    Option,
     add_arguments,
     load_yaml,
     parse_listen_address,
@@ -41,6 +43,56 @@ def test_every_option_has_flag_env_and_yaml_key() -> None:
     assert "TRAINING_EXPORTER_WEB_LISTEN_ADDRESS" in envs
     assert "TRAINING_EXPORTER_COLLECTOR_UPDATE_RATIO" in envs
     assert {o.attr for o in OPTIONS} == set(ExporterConfig.__dataclass_fields__)
+
+
+def test_flag_is_the_yaml_key_and_env_names_are_unchanged() -> None:
+    for opt in OPTIONS:
+        assert opt.flag == opt.yaml.replace("_", "-")
+        assert opt.flags == (opt.flag, *opt.aliases)
+    # Deployments set these; they are named after the spellings the flags had before they followed the
+    # YAML keys, and must not change with the flags.
+    assert [o.env.removeprefix("TRAINING_EXPORTER_") for o in OPTIONS] == [
+        "WEB_LISTEN_ADDRESS", "WEB_PORT_IN_USE", "LINGER", "WEB_FINAL_SCRAPE_TIMEOUT", "SIGNALS_SIGTERM",
+        "WEB_SIGTERM_TIMEOUT", "RUN_ID", "LABEL", "RANKS", "COLLECTOR_GPU", "COLLECTOR_HOST", "COLLECTOR_LAYERS",
+        "COLLECTOR_UPDATE_RATIO", "COLLECTOR_PREDICTIONS", "LAYERS_INTERVAL_STEPS", "UPDATE_RATIO_INTERVAL_STEPS",
+        "PREDICTIONS_INTERVAL_STEPS", "INTERVALS_MIN_PERIOD_SECONDS", "LOSS_EMA_ALPHA", "LOSS_VARIANCE_WINDOW",
+        "LOSS_WINDOW_SECONDS", "COLLECTOR_EVAL", "COLLECTOR_PREVIEWS", "COLLECTOR_DRIFT", "EVAL_INTERVAL_STEPS",
+        "EVAL_BUDGET", "EVAL_MAX_NEW_TOKENS", "EVAL_BATCH_SIZE", "EVAL_FAILURE_POOL", "HISTORY_DIR",
+        "HISTORY_COMPRESS_AFTER_DAYS", "HISTORY_DELETE_AFTER_DAYS", "DRIFT_SAMPLE_EVERY", "DRIFT_WINDOW_BATCHES",
+        "DRIFT_REFERENCE_BATCHES", "DRIFT_TOP_K", "DRIFT_MAX_LENGTH",
+    ]
+
+
+# A valid value that is no option's default, as a flag's arguments, per kind.
+SAMPLE_ARGS = {"int": ["7"], "float": ["0.5"], "str": ["x"], "labels": ["team=nlp"]}
+ALIASED = [opt for opt in OPTIONS if opt.aliases]
+
+
+def test_some_options_keep_an_alias() -> None:
+    assert {o.attr for o in ALIASED} >= {"linger_seconds", "gpu", "layers_interval", "labels"}
+    assert all(alias != opt.flag for opt in ALIASED for alias in opt.aliases)
+
+
+@pytest.mark.parametrize("opt", ALIASED, ids=lambda o: o.attr)
+def test_derived_flag_and_alias_parse_to_the_same_value(opt: Option) -> None:
+    default = getattr(ExporterConfig(), opt.attr)
+    if opt.kind == "bool":
+        for prefix, expected in (("--", True), ("--no-", False)):
+            values = [getattr(parse([prefix + flag]), opt.attr) for flag in opt.flags]
+            assert values == [expected] * len(opt.flags), prefix
+        return
+    values = [getattr(parse([f"--{flag}", *SAMPLE_ARGS[opt.kind]]), opt.attr) for flag in opt.flags]
+    assert values[0] != default
+    assert values == [values[0]] * len(opt.flags)
+
+
+def test_help_lists_every_spelling_on_one_entry() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    lines = [set(re.findall(r"--[\w.-]+", line)) for line in parser.format_help().splitlines()]
+    for opt in OPTIONS:
+        spellings = {f"--{flag}" for flag in opt.flags}
+        assert any(spellings <= line for line in lines), opt.flags
 
 
 def test_precedence_flag_over_env_over_yaml(tmp_path: Path) -> None:
@@ -117,7 +169,8 @@ def test_flag_that_does_not_parse_is_reported_once(tmp_path: Path) -> None:
     env = {"TRAINING_EXPORTER_LAYERS_INTERVAL_STEPS": "-1"}
     with pytest.raises(ConfigError) as err:
         parse(["--config.file", str(f), "--layers.interval-steps", "ten"], env)
-    assert err.value.problems == ["--layers.interval-steps: invalid literal for int() with base 10: 'ten'"]
+    # Named by the spelling derived from the YAML key, also when the alias was typed.
+    assert err.value.problems == ["--intervals.layers-steps: invalid literal for int() with base 10: 'ten'"]
 
 
 def test_unreadable_config_file_joins_the_other_problems(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from numerics import confidence_rel, entropy_abs, norm_rel, ratio_rel
 from prometheus_client import generate_latest
+from support.numerics import confidence_rel, entropy_abs, norm_rel, ratio_rel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from exporter.config import ExporterConfig
@@ -144,7 +144,7 @@ def test_hooked_model_loop_grads_updates_tokens_predictions() -> None:
                              if layer_and_module(n) == (layer, module)))
 
     # Float32 norms against float64 references of the same gradients: within the bounds of
-    # tests/numerics, which hold for any kernel (the per-group norms, then their squares summed).
+    # tests/support/numerics, which hold for any kernel (the per-group norms, then their squares summed).
     g = group_norm(grads, "1", "mlp.c_fc")
     assert sample(mon, "training_layer_grad_norm", layer="1", module="mlp.c_fc") == pytest.approx(
         g, rel=norm_rel(*group_size(model, ("1", "mlp.c_fc"))))
@@ -166,7 +166,7 @@ def test_hooked_model_loop_grads_updates_tokens_predictions() -> None:
 
 def assert_predictions(mon: TrainingMonitor, logits: torch.Tensor) -> None:
     """The exported entropy and confidences against float64 softmax of the same rows (positions x vocab),
-    within the float32 bounds of tests/numerics."""
+    within the float32 bounds of tests/support/numerics."""
     positions, vocab = logits.shape
     largest = float(logits.abs().max())
     p = logits.double().softmax(-1)
@@ -362,9 +362,9 @@ def test_spike_ratio_stays_low_through_a_fast_descent() -> None:
 
 
 def test_prediction_statistics_draw_only_labelled_positions(monkeypatch: pytest.MonkeyPatch) -> None:
-    import exporter.core as core
+    import exporter.stats as stats
 
-    monkeypatch.setattr(core, "PREDICTION_MAX_POSITIONS", 8)  # fewer than the 18 labelled positions
+    monkeypatch.setattr(stats, "PREDICTION_MAX_POSITIONS", 8)  # fewer than the 18 labelled positions
     mon = TrainingMonitor(ExporterConfig(**QUIET), run_id="draw")
     labelled = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     logits = torch.full((3, 8, 5), 7.0)  # unlabelled positions: a very different distribution

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 import yaml
-from e2e import PROMETHEUS, ROOT, Process, free_port, missing_binaries, project_rule_files, start_prometheus, stop_all
+from support.e2e import ROOT, Process, free_port, project_rule_files, start_demo, start_prometheus, stop_all
+from support.runif import run_if
 from test_dashboards import (
     Query,
     dashboards,
@@ -38,8 +38,7 @@ from test_dashboards import (
     substitute,
 )
 
-pytestmark = pytest.mark.skipif(
-    bool(missing_binaries(PROMETHEUS)), reason=f"needs {PROMETHEUS} (Debian package prometheus)")
+pytestmark = run_if(prometheus=True)
 
 RUN_ID = "dash-e2e"
 # About 10 s of training at the demo's ~75 steps/s (more on a loaded 2-core
@@ -105,30 +104,13 @@ def _write_prometheus_config(workdir: Path, jobs: dict[str, str]) -> Path:
     return path
 
 
-def _start_demo(workdir: Path, port: int) -> Process:
-    argv = [
-        sys.executable, "-m", "exporter.cli", "demo",
-        "--max-steps", str(STEPS),
-        "--web.listen-address", f"127.0.0.1:{port}",
-        "--output-dir", str(workdir / RUN_ID),
-        "--run-id", RUN_ID,
-        "--save-steps", str(SAVE_STEPS),
-        "--inject", f"nan@{NAN_STEP}",
-        # Every batch profiled, so that the drift reference and window fill within the run.
-        "--drift.sample-every", "1",
-        # Outlives the test; stopped by PID at the end.
-        "--linger", str(DEADLINE_S + 30),
-    ]
-    return Process("demo", argv, workdir, cwd=ROOT)
-
-
 def _start_analytics(workdir: Path, port: int) -> Process:
     """The checkpoint analytics exporter on the demo's checkpoints, against the demo's base model.
 
     The demo builds its model from seed 0; the same model without the adapter,
     saved here, is the base the checkpoints drifted from.
     """
-    from exporter.demo_task import CharTokenizer, build_model
+    from exporter.demo.task import CharTokenizer, build_model
 
     base = workdir / "base"
     model: Any = build_model(CharTokenizer(), lora=False, seed=0)  # a PreTrainedModel, typed as nn.Module
@@ -209,7 +191,12 @@ def test_every_dashboard_query_runs_and_shows_data(tmp_path: Path) -> None:
         processes.append(start_prometheus(_write_prometheus_config(tmp_path, jobs), tmp_path, prom_port))
         start = time.time()
         api = PrometheusAPI(f"http://127.0.0.1:{prom_port}")
-        processes.append(_start_demo(tmp_path, demo_port))
+        processes.append(start_demo(
+            tmp_path, RUN_ID, demo_port, STEPS, [f"nan@{NAN_STEP}"],
+            # Outlives the test; stopped by PID at the end.
+            linger=DEADLINE_S + 30, save_steps=SAVE_STEPS,
+            # Every batch profiled, so that the drift reference and window fill within the run.
+            extra_args=["--drift.sample-every", "1"]))
 
         deadline = time.monotonic() + DEADLINE_S
         # The run completed and the analytics exporter published its last checkpoint.

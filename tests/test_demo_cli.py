@@ -1,7 +1,7 @@
 """``training-exporter demo --local-alerting``: the real chain on loopback, from the command line.
 
 The demo starts the Slack and SMTP stand-ins, ``prometheus-alertmanager`` and
-``prometheus`` itself (exporter/localstack.py), prints each notification as
+``prometheus`` itself (exporter/demo/localstack/), prints each notification as
 one line, and stops every process it started before it exits.
 """
 
@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.runif import run_if
 
-from exporter import localstack
-from exporter.localstack import ALERTMANAGER, PROMETHEUS, missing_binaries
+from exporter.demo.localstack import configs
+from exporter.demo.localstack.errors import LocalStackError
+from exporter.demo.localstack.processes import ALERTMANAGER, PROMETHEUS
 
-needs_binaries = pytest.mark.skipif(
-    bool(missing_binaries(PROMETHEUS, ALERTMANAGER)),
-    reason=f"needs {PROMETHEUS} and {ALERTMANAGER} (Debian packages prometheus, prometheus-alertmanager)",
-)
+needs_binaries = run_if(prometheus=True, alertmanager=True)
 
 RUN_ID = "demo-run"
 
@@ -93,12 +92,12 @@ def test_local_alerting_without_the_binaries_exits_2_with_one_line(tmp_path: Pat
 
 def test_missing_project_configuration_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # As in an installed wheel: the package without the repository's prometheus/ and alertmanager/.
-    monkeypatch.setattr(localstack, "ROOT", tmp_path)
-    monkeypatch.setattr(localstack, "ALERTMANAGER_CONFIG", tmp_path / "alertmanager" / "alertmanager.yml")
-    monkeypatch.setattr(localstack, "ALERTMANAGER_TEMPLATES", tmp_path / "alertmanager" / "templates")
-    monkeypatch.setattr(localstack, "RULES_DIR", tmp_path / "prometheus" / "rules")
-    with pytest.raises(localstack.LocalStackError) as excinfo:
-        localstack.require_project_files()
+    monkeypatch.setattr(configs, "ROOT", tmp_path)
+    monkeypatch.setattr(configs, "ALERTMANAGER_CONFIG", tmp_path / "alertmanager" / "alertmanager.yml")
+    monkeypatch.setattr(configs, "ALERTMANAGER_TEMPLATES", tmp_path / "alertmanager" / "templates")
+    monkeypatch.setattr(configs, "RULES_DIR", tmp_path / "prometheus" / "rules")
+    with pytest.raises(LocalStackError) as excinfo:
+        configs.require_project_files()
     message = str(excinfo.value)
     assert "\n" not in message
     assert "alertmanager/alertmanager.yml" in message and "prometheus/rules" in message

@@ -11,19 +11,18 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from exporter.demo_task import (
+from exporter.demo.faults import FaultSpec, parse_fault
+from exporter.demo.injector import FaultInjector
+from exporter.demo.task import (
     IGNORE_INDEX,
     ArithmeticDataset,
     CharTokenizer,
     DataCollator,
-    FaultInjector,
-    FaultSpec,
     build_model,
     collate,
     greedy_answer,
     make_examples,
     make_training_args,
-    parse_fault,
 )
 
 

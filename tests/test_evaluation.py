@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from exporter.evaluation import (
+from exporter.evaluation.scoring import (
     answer_token_stats,
     classify,
     exact_match,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +13,14 @@ from typing import Any
 import pytest
 import requests
 import torch
-from numerics import U32, logprob_abs
 from prometheus_client.parser import text_string_to_metric_families
+from support.numerics import U32, logprob_abs
+from support.runif import run_if
 from transformers import Trainer, TrainerCallback
 
 from exporter import PrometheusCallback, metrics
-from exporter.demo import build_trainer
-from exporter.demo_task import (
+from exporter.demo.run import build_trainer
+from exporter.demo.task import (
     DIGITS_ONLY,
     ArithmeticDataset,
     CharTokenizer,
@@ -31,8 +31,8 @@ from exporter.demo_task import (
     make_training_args,
 )
 from exporter.errors import ErrorTracker
-from exporter.eval_runner import EvalExample, EvalExport, FixedEvaluator, TokenizerCodec
-from exporter.previews import PreviewHistory, validate_record
+from exporter.evaluation import EvalExample, EvalExport, FixedEvaluator, TokenizerCodec
+from exporter.previews import PreviewFilter, PreviewHistory, validate_record
 
 STEPS = 150
 INTERVAL = 50
@@ -139,7 +139,7 @@ def test_answers_and_cross_entropy_match_a_direct_recomputation(run: dict[str, A
     # The arithmetic, machine-independently: the evaluator's batched, padded passes on a float64 copy
     # of the model against unpadded float64 recomputations. The forward passes then differ by float64
     # rounding only (~1e-14 here), and the scoring's float32 log-softmax (evaluation.answer_token_stats)
-    # by the bound of tests/numerics.logprob_abs plus the logits' rounding to float32.
+    # by the bound of tests/support/numerics.logprob_abs plus the logits' rounding to float32.
     model64 = copy.deepcopy(model).double()
     examples = [EvalExample(r["prompt"], r["golden"]) for r in final]
     ev, _ = evaluator(examples, max_new_tokens=max(r["model_tokens"] for r in final) + 1)
@@ -228,7 +228,7 @@ def test_live_metrics_of_the_last_evaluation(run: dict[str, Any]) -> None:
     assert errors[(("collector", "eval"),)] == 0 and errors[(("collector", "previews"),)] == 0
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@run_if(promtool=True)
 def test_live_endpoint_passes_promtool(run: dict[str, Any]) -> None:
     for page in run["probe"].pages.values():
         proc = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True, text=True)
@@ -287,7 +287,7 @@ def test_training_is_unchanged_by_the_evaluation(tmp_path: Path) -> None:
     assert with_trainer.model is not None and without_trainer.model is not None
     for p, q in zip(with_trainer.model.parameters(), without_trainer.model.parameters(), strict=True):
         assert torch.equal(p, q)
-    final = PreviewHistory(tmp_path / "True" / "logs" / "preview").query(step_min=30, limit=100)
+    final = PreviewHistory(tmp_path / "True" / "logs" / "preview").query(PreviewFilter(step_min=30), limit=100)
     assert len(final) == 16
     for r in final:
         assert r["model_answer"] == greedy_answer(with_trainer.model, CharTokenizer(), r["prompt"],

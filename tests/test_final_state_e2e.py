@@ -25,23 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
-from e2e import (
-    PROMETHEUS,
+from support.e2e import (
     Poller,
     Process,
     free_port,
-    missing_binaries,
     project_rule_files,
     start_prometheus,
     stop_all,
     wait_until,
     write_prometheus_config,
 )
+from support.runif import run_if
 
-pytestmark = pytest.mark.skipif(bool(missing_binaries(PROMETHEUS)),
-                                reason=f"needs {PROMETHEUS} (Debian package prometheus)")
+pytestmark = run_if(prometheus=True)
 
 EARLY, COMPLETED, TERMINATED, KILLED = "e2e-early-stop", "e2e-completed", "e2e-sigterm", "e2e-killed"
 QUIET_FLAGS = ["--no-collector.gpu", "--no-collector.eval", "--no-collector.previews", "--no-collector.drift"]
@@ -53,7 +50,7 @@ EARLY_STOP = textwrap.dedent("""
     import sys
     from transformers import EarlyStoppingCallback
     from exporter import PrometheusCallback
-    from exporter.demo import build_trainer
+    from exporter.demo.run import build_trainer
 
     port, out = sys.argv[1], sys.argv[2]
     cb = PrometheusCallback(listen_address=f"127.0.0.1:{port}", run_id="e2e-early-stop", gpu=False,

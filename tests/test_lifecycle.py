@@ -1,7 +1,7 @@
 """The end of a run is seen: the final state is scraped before the endpoint closes (without holding up
 ``trainer.train()``), and a SIGTERM ends in state terminated, then in the signal's own exit status.
 
-Real parts only: a tiny Trainer (exporter.demo.build_trainer) or TrainingMonitor serving on 127.0.0.1 with
+Real parts only: a tiny Trainer (exporter.demo.run.build_trainer) or TrainingMonitor serving on 127.0.0.1 with
 a free port, scraped over HTTP; SIGTERM goes to a child process by its PID.
 """
 
@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
+from support.scrape import Samples, scrape
 from transformers import TrainerCallback
 
 from exporter import PrometheusCallback, lifecycle
 from exporter.config import ExporterConfig
 from exporter.core import TrainingMonitor
-from exporter.demo import build_trainer
+from exporter.demo.run import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET: dict[str, Any] = {"gpu": False, "host": False, "drift": False, "evaluation": False, "previews": False}
@@ -35,13 +35,11 @@ QUIET: dict[str, Any] = {"gpu": False, "host": False, "drift": False, "evaluatio
 CLOSE_S = 3.0
 
 
-def metrics(port: int, agent: str = "lifecycle-test") -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", headers={"User-Agent": agent}, timeout=5).text
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+def metrics(port: int, agent: str = "lifecycle-test") -> Samples:
+    return scrape(f"http://127.0.0.1:{port}/metrics", timeout=5, headers={"User-Agent": agent})
 
 
-def state_of(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> str | None:
+def state_of(samples: Samples) -> str | None:
     return next((dict(labels)["state"] for (name, labels), v in samples.items()
                  if name == "training_state" and v == 1), None)
 

@@ -1,6 +1,6 @@
 """A real 2-process DDP run (torchrun, gloo on the CPU) scraped over HTTP.
 
-``tests/ddp_train.py`` trains the demo task for a few steps on two ranks with a
+``tests/support/ddp_train.py`` trains the demo task for a few steps on two ranks with a
 :class:`PrometheusCallback`; its linger time keeps the endpoints up after
 training, and these tests read the final values from them.
 """
@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from e2e import free_port_pair, kill_group, torchrun
-from prometheus_client.parser import text_string_to_metric_families
+from support.e2e import free_port_pair, kill_group, torchrun
+from support.runif import run_if
+from support.scrape import scrape
 
-torch_distributed = pytest.importorskip("torch.distributed")
-if not torch_distributed.is_available() or not torch_distributed.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+pytestmark = run_if(gloo=True)
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "ddp_train.py"
+SCRIPT = ROOT / "tests" / "support" / "ddp_train.py"
 MAX_STEPS = 6
 BATCH = 4
 LINGER_S = 40.0
@@ -35,15 +34,10 @@ Sample = tuple[str, dict[str, str], float]
 def _scrape(port: int) -> list[Sample] | None:
     """Samples of http://127.0.0.1:PORT/metrics, or None while nothing answers."""
     try:
-        resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        samples = scrape(f"http://127.0.0.1:{port}/metrics", timeout=5)
     except requests.ConnectionError:
         return None
-    resp.raise_for_status()
-    return [
-        (s.name, dict(s.labels), float(s.value))
-        for family in text_string_to_metric_families(resp.text)
-        for s in family.samples
-    ]
+    return [(name, dict(labels), value) for (name, labels), value in samples.items()]
 
 
 def _values(samples: list[Sample], name: str, **labels: str) -> list[float]:

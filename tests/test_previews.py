@@ -25,11 +25,12 @@ from exporter import cli
 from exporter.previews import (
     PREVIEW_FIELDS,
     InvalidPreviewRecord,
+    PreviewFilter,
     PreviewHistory,
     PreviewHistoryError,
-    _valid_decoded,
     validate_record,
 )
+from exporter.previews.records import _valid_decoded
 
 NOON = datetime(2025, 11, 22, 12, 0, tzinfo=timezone.utc)
 
@@ -414,8 +415,8 @@ def test_query_stops_reading_once_the_page_is_full(history: PreviewHistory) -> N
 def test_query_filters_match_a_plain_filter_and_paginate(history: PreviewHistory, filters: dict[str, Any],
                                                          expected: Any) -> None:
     wanted = [step for step in range(89, -1, -1) if expected(record(step))]
-    assert [row["step"] for row in history.query(limit=1000, **filters)] == wanted
-    pages = [history.query(limit=7, offset=offset, **filters) for offset in range(0, len(wanted) + 7, 7)]
+    assert [row["step"] for row in history.query(PreviewFilter(**filters), limit=1000)] == wanted
+    pages = [history.query(PreviewFilter(**filters), limit=7, offset=offset) for offset in range(0, len(wanted) + 7, 7)]
     assert [row["step"] for page in pages for row in page] == wanted
     assert all(len(page) == 7 for page in pages[: len(wanted) // 7])
 
@@ -429,8 +430,8 @@ def test_query_text_precheck_neither_misses_nor_lets_through(tmp_path: Path) -> 
     assert "\\u00e9" in other
     with open(history.path_for(NOON.date()), "a", encoding="utf-8") as stream:
         stream.write(other + "\n")
-    assert [row["step"] for row in history.query(regime="régime_ü")] == [3, 1]
-    assert [row["step"] for row in history.query(failure_mode="wrong_content")] == []
+    assert [row["step"] for row in history.query(PreviewFilter(regime="régime_ü"))] == [3, 1]
+    assert [row["step"] for row in history.query(PreviewFilter(failure_mode="wrong_content"))] == []
 
 
 def test_query_step_precheck_is_not_fooled_by_step_text_in_a_prompt(tmp_path: Path) -> None:
@@ -442,21 +443,21 @@ def test_query_step_precheck_is_not_fooled_by_step_text_in_a_prompt(tmp_path: Pa
     other = json.dumps({**record(6), "ts": "2025-11-22T12:00:00Z"}, separators=(",", ":"))
     with open(history.path_for(NOON.date()), "a", encoding="utf-8") as stream:
         stream.write(other + "\n")
-    assert [row["step"] for row in history.query(step_min=0, step_max=10)] == [6, 5]
-    assert [row["step"] for row in history.query(step_min=40)] == [60, 50]
-    assert history.query(step_min=1000) == []
+    assert [row["step"] for row in history.query(PreviewFilter(step_min=0, step_max=10))] == [6, 5]
+    assert [row["step"] for row in history.query(PreviewFilter(step_min=40))] == [60, 50]
+    assert history.query(PreviewFilter(step_min=1000)) == []
 
 
 def test_query_time_range_by_date_and_datetime(history: PreviewHistory) -> None:
     def steps(**bounds: Any) -> list[int]:
-        return sorted(row["step"] for row in history.query(limit=1000, **bounds))
+        return sorted(row["step"] for row in history.query(PreviewFilter(**bounds), limit=1000))
 
     assert steps(since="2025-11-21", until="2025-11-21") == list(range(30, 60))  # a date is its whole day
     assert steps(since=date(2025, 11, 22)) == list(range(60, 90))
     assert steps(until="2025-11-21T12:00:00Z") == list(range(30))  # until is exclusive
     assert steps(since=datetime(2025, 11, 21, 12)) == list(range(30, 90))  # no zone: UTC
     assert steps(since="2025-11-23") == []
-    assert next(history.iter_query(since="2025-11-22", regime="regime3"))["step"] == 89
+    assert next(history.iter_query(PreviewFilter(since="2025-11-22", regime="regime3")))["step"] == 89
 
 
 def test_corrupt_lines_are_skipped_with_one_warning_per_file(

@@ -1,5 +1,5 @@
 """The Prometheus configuration and rules: valid, unit-tested with promtool, and in step with the metric
-catalogue, the runbook and the threshold table at the top of the alerts file.
+catalogue, the runbook and the thresholds of exporter/thresholds.py.
 
 The promtool tests themselves live in prometheus/tests/*.yml; this module runs them and checks that they
 cover every rule. Only the tests that run promtool are skipped when it is missing.
@@ -7,6 +7,8 @@ cover every rule. Only the tests that run promtool are skipped when it is missin
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import re
 import shutil
@@ -14,17 +16,19 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from support.runif import run_if
 
 from analytics_jobs import metrics as analytics
-from exporter import metrics
+from exporter import metrics, thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "prometheus"
 CONFIG = PROM / "prometheus.yml"
 RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
-ALERTS_FILE = PROM / "rules" / "training.alerts.yml"
+# One file per group: <area>.alerts.yml holds the group training-<area>.alerts.
+ALERT_FILES = sorted((PROM / "rules").glob("*.alerts.yml"))
+AREAS = {"loss", "gradients", "optimizer", "evaluation", "throughput", "exporter", "hardware", "data", "analytics"}
 TEST_FILES = sorted((PROM / "tests").glob("*.yml"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_URL = "https://github.com/training-exporter/training-exporter/blob/main/docs/runbook.md#"
@@ -135,19 +139,21 @@ def literals(expr: str) -> tuple[set[str], set[float]]:
     return durations, numbers
 
 
-def threshold_table() -> list[dict[str, Any]]:
-    """Rows of the commented table at the top of the alerts file (continuation lines joined)."""
-    header = ALERTS_FILE.read_text().split("\ngroups:", 1)[0]
-    rows: list[dict[str, Any]] = []
-    for line in header.splitlines():
-        row = re.match(r"# (Training\w+)\s+(critical|warning|info)\s+(\S+)\s+(.*)$", line)
-        if row:
-            rows.append({"alert": row[1], "severity": row[2], "for": row[3], "text": row[4]})
-        elif rows and re.match(r"#\s{20,}\S", line):
-            rows[-1]["text"] += " " + line[1:].strip()
-    for row in rows:
-        row["tokens"] = re.findall(r"`([^`]+)`", row["text"])
-    return rows
+def threshold_mismatches(rule: dict[str, Any], entry: thresholds.AlertThresholds) -> list[str]:
+    """How an alerting rule differs from its thresholds entry: `for`, the windows and the numbers of its expr
+    (other than 0 and 1) against the entry's (empty when they agree)."""
+    problems = []
+    if entry.for_ != rule.get("for", "0s"):
+        problems.append(f"for: {entry.for_} in the entry, {rule.get('for', '0s')} in the rule")
+    durations, numbers = literals(rule["expr"])
+    table_durations = {w.duration for w in entry.windows.values()}
+    table_numbers = {float(n.value) for n in entry.numbers.values()}
+    if table_durations != durations:
+        problems.append(f"windows differ: {sorted(table_durations)} in the entry, {sorted(durations)} in the rule")
+    if table_numbers != numbers - {0.0, 1.0}:
+        problems.append(f"numbers differ: {sorted(table_numbers)} in the entry, "
+                        f"{sorted(numbers - {0.0, 1.0})} in the rule")
+    return problems
 
 
 def github_anchor(heading: str) -> str:
@@ -159,7 +165,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PROMTOOL, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing (Debian package prometheus)")
+needs_promtool = run_if(promtool=True)
 
 
 # ------------------------------------------------------------------ promtool
@@ -308,29 +314,81 @@ def test_runbook_has_one_section_per_alert() -> None:
 # ------------------------------------------------------------ thresholds
 
 
-def test_threshold_table_matches_the_rules() -> None:
-    table = threshold_table()
-    rows = {(row["alert"], row["severity"]): row for row in table}
-    assert len(rows) == len(table), "one row per (alert, severity)"
+def test_thresholds_match_the_rules() -> None:
+    table = thresholds.ALERTS
+    rows = {(entry.alert, entry.severity): entry for entry in table}
+    assert len(rows) == len(table), "one entry per (alert, severity)"
     rule_keys = set()
     for rule in alerting_rules():
         key = (rule["alert"], rule["labels"]["severity"])
+        assert key not in rule_keys, f"two rules for {key}"
         rule_keys.add(key)
-        assert key in rows, f"no threshold table row for {key}"
-        row = rows[key]
-        assert row["for"] == rule.get("for", "0s"), key
-        durations, numbers = literals(rule["expr"])
-        table_durations = {t for t in row["tokens"] if re.fullmatch(DURATION, t)}
-        table_numbers = {float(t) for t in row["tokens"] if not re.fullmatch(DURATION, t)}
-        assert table_durations == durations, (key, "windows differ", table_durations, durations)
-        assert table_numbers == numbers - {0.0, 1.0}, (key, "numbers differ", table_numbers, numbers)
-    assert set(rows) == rule_keys, "rows without a rule"
+        assert key in rows, f"no entry in exporter/thresholds.py for {key}"
+        assert threshold_mismatches(rule, rows[key]) == [], key
+    assert set(rows) == rule_keys, "entries without a rule"
+
+
+def test_threshold_entries_are_complete() -> None:
+    for entry in thresholds.ALERTS:
+        assert entry.when.strip() and entry.severity in SEVERITIES, entry.alert
+        whys = {name: n.why for name, n in entry.numbers.items()} | {name: w.why for name, w in entry.windows.items()}
+        assert len(whys) == len(entry.numbers) + len(entry.windows), (entry.alert, "a name used twice")
+        for name, why in whys.items():
+            assert re.fullmatch(r"[a-z][a-z0-9_]*", name) and why.strip(), (entry.alert, name)
+        for window in entry.windows.values():
+            assert re.fullmatch(DURATION, window.duration), (entry.alert, window)
+        # The one-line description names only the entry's own values.
+        named = set(re.findall(r"`(\w+)`", entry.when))
+        assert named <= set(entry.numbers) | set(entry.windows), (entry.alert, named)
+    for name, setting in thresholds.SETTINGS.items():
+        assert name.isupper() and setting.why.strip() and setting.used_by.strip(), name
 
 
 def test_threshold_checker_catches_a_mismatch() -> None:
     durations, numbers = literals("min_over_time(training_grad_norm[2m]) > 100")
     assert durations == {"2m"} and numbers == {100.0}
     assert literals("min_over_time(training_grad_norm[3m]) > 120") != (durations, numbers)
+    rule = {"expr": "min_over_time(training_grad_norm[2m]) > 100", "for": "5m"}
+    entry = thresholds.GRADIENT_EXPLODING
+    assert threshold_mismatches(rule, entry) == []
+    assert threshold_mismatches({**rule, "expr": "min_over_time(training_grad_norm[3m]) > 100"}, entry)
+    assert threshold_mismatches({**rule, "expr": "min_over_time(training_grad_norm[2m]) > 120"}, entry)
+    assert threshold_mismatches({**rule, "expr": "min_over_time(training_grad_norm[2m]) > 100 < 1e3"}, entry)
+    assert threshold_mismatches({**rule, "for": "10m"}, entry)
+    assert threshold_mismatches(rule, dataclasses.replace(entry, windows={}))
+
+
+def test_thresholds_module_imports_no_project_module_and_nothing_heavy() -> None:
+    tree = ast.parse((ROOT / "exporter" / "thresholds.py").read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative import"
+            imported.add((node.module or "").split(".")[0])
+    assert imported <= {"__future__", "collections", "dataclasses", "re", "typing"}, imported
+
+
+# ------------------------------------------------------------ files
+
+
+def test_one_alerts_file_per_group() -> None:
+    assert {path.name.removesuffix(".alerts.yml") for path in ALERT_FILES} == AREAS
+    for path in ALERT_FILES:
+        groups = load(path)["groups"]
+        assert [g["name"] for g in groups] == [f"training-{path.name.removesuffix('.alerts.yml')}.alerts"], path
+        assert all("alert" in rule for rule in groups[0]["rules"]), path
+    for path in RULE_FILES:
+        assert path in ALERT_FILES or path.name == "training.rules.yml", path
+
+
+def test_unit_test_rule_files_exist() -> None:
+    for path in TEST_FILES:
+        rule_files = load(path)["rule_files"]
+        assert rule_files, path
+        for name in rule_files:
+            assert (path.parent / name).resolve() in RULE_FILES, (path.name, name)
 
 
 # ------------------------------------------------------------ configuration

@@ -1,7 +1,7 @@
 """The exporter's numbers on the trainers people use: TRL's SFTTrainer (LoRA, gradient accumulation, packing),
 the plain transformers Trainer, resumed runs, early stopping, and a plain loop with non-finite gradients.
 
-Every expected value is computed independently of the exporter, by tests/trl_support.Recorder from the
+Every expected value is computed independently of the exporter, by tests/support/trl_support.Recorder from the
 micro-batches the model actually saw (a float64 cross-entropy of the logits, or TRL's fused-head
 ``log_probs`` / ``label_mask``), or from the trainer's own state.
 
@@ -27,8 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import TrainerCallback
-from trl_support import (
+from support.trl_support import (
     MODELS,
     PadCollator,
     Recorder,
@@ -44,6 +43,7 @@ from trl_support import (
     tiny_llama,
     training_args,
 )
+from transformers import TrainerCallback
 
 from exporter import PrometheusCallback
 from exporter.config import ExporterConfig

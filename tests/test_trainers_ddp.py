@@ -1,6 +1,6 @@
 """Per-rank loss under DDP: two gloo ranks on the CPU (torchrun), plain Trainer and TRL's SFTTrainer.
 
-``tests/trl_ddp_train.py`` trains a tiny Llama on variable-length examples with ``ranks="all"`` and
+``tests/support/trl_ddp_train.py`` trains a tiny Llama on variable-length examples with ``ranks="all"`` and
 gradient accumulation 2, and writes, per rank and step, the summed NLL and label-token count of the
 micro-batches that rank saw plus the training_loss its exporter published (read in-process right
 after the step). ``average_tokens_across_devices`` keeps its default (True): the Trainer then
@@ -24,16 +24,15 @@ from typing import Any
 
 import pytest
 import requests
-from e2e import free_port_pair, kill_group, torchrun
-from prometheus_client.parser import text_string_to_metric_families
+from support.e2e import free_port_pair, kill_group, torchrun
+from support.runif import run_if
+from support.scrape import Samples, scrape
 
-torch_distributed = pytest.importorskip("torch.distributed")
-if not torch_distributed.is_available() or not torch_distributed.is_gloo_available():
-    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+pytestmark = run_if(gloo=True)
 pytest.importorskip("trl")
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "tests" / "trl_ddp_train.py"
+SCRIPT = ROOT / "tests" / "support" / "trl_ddp_train.py"
 MAX_STEPS = 4
 ACCUMULATION = 2
 LINGER_S = 60.0  # the test ends the run as soon as both ranks were read
@@ -41,20 +40,14 @@ TIMEOUT_S = 120.0
 REL = 1e-3
 
 
-def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+def _scrape(port: int) -> Samples | None:
     try:
-        resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        return scrape(f"http://127.0.0.1:{port}/metrics", timeout=5)
     except requests.ConnectionError:
         return None
-    resp.raise_for_status()
-    return {
-        (s.name, frozenset(s.labels.items())): float(s.value)
-        for family in text_string_to_metric_families(resp.text)
-        for s in family.samples
-    }
 
 
-def _get(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+def _get(samples: Samples, name: str, **labels: str) -> float | None:
     found = [v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= lab]
     assert len(found) <= 1, (name, labels, found)
     return found[0] if found else None

@@ -4,8 +4,9 @@ Nothing here does I/O, so every verdict can be tested with hand-made series.
 A series is a list of ``(unix time, value)`` pairs in time order, as a
 Prometheus range query returns them (one per resolution step).
 
-Where the alerting rules make the same judgement, the thresholds are theirs
-(``prometheus/rules/training.alerts.yml``; a test keeps the two in step):
+Where the alerting rules make the same judgement, the thresholds are theirs, read
+from their entries in ``exporter/thresholds.py`` (which tests/test_rules.py holds to
+the rules in ``prometheus/rules/*.alerts.yml``):
 
 - plateau (``TrainingLossPlateau``): the loss EMA, averaged over a third of the
   window at each end, improved by less than ``PLATEAU_MIN_IMPROVEMENT`` over
@@ -26,23 +27,25 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from exporter import thresholds
+
 Sample = tuple[float, float]
 Series = Sequence[Sample]
 
-PLATEAU_MIN_IMPROVEMENT = 0.01
-PLATEAU_MIN_STEPS = 50
-PLATEAU_WINDOW_SECONDS = 1800.0
+PLATEAU_MIN_IMPROVEMENT = thresholds.LOSS_PLATEAU.value("min_improvement")
+PLATEAU_MIN_STEPS = thresholds.LOSS_PLATEAU.value("min_steps")
+PLATEAU_WINDOW_SECONDS = thresholds.LOSS_PLATEAU.seconds("window")
 # Each end of the window is averaged over a third of it (the rule: 10m of 30m).
-PLATEAU_AVERAGE_FRACTION = 1 / 3
+PLATEAU_AVERAGE_FRACTION = thresholds.LOSS_PLATEAU.seconds("average") / PLATEAU_WINDOW_SECONDS
 # Runs shorter than 2 windows are judged over their last half.
-SHORT_RUN_WINDOW_FRACTION = 0.5
-OVERFIT_EVAL_RATIO = 1.05
-OVERFIT_TRAIN_RATIO = 0.99
-ETA_RATE_WINDOW_SECONDS = 900.0
+SHORT_RUN_WINDOW_FRACTION = thresholds.SHORT_RUN_WINDOW_FRACTION.value
+OVERFIT_EVAL_RATIO = thresholds.OVERFITTING.value("eval_ratio")
+OVERFIT_TRAIN_RATIO = thresholds.OVERFITTING.value("train_ratio")
+ETA_RATE_WINDOW_SECONDS = thresholds.ETA_RATE_WINDOW_SECONDS.value
 
-NONFINITE_ALERT = "TrainingLossNonFinite"
-OVERFIT_ALERT = "TrainingOverfitting"
-PLATEAU_ALERT = "TrainingLossPlateau"
+NONFINITE_ALERT = thresholds.LOSS_NONFINITE.alert
+OVERFIT_ALERT = thresholds.OVERFITTING.alert
+PLATEAU_ALERT = thresholds.LOSS_PLATEAU.alert
 # Alerts whose judgement the advisor makes itself; other critical alerts stop a run.
 JUDGED_ALERTS = frozenset({NONFINITE_ALERT, OVERFIT_ALERT, PLATEAU_ALERT})
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}

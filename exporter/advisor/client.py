@@ -1,6 +1,7 @@
 """The advisor's HTTP side: PromQL over the Prometheus HTTP API, turned into :class:`RunData`.
 
-Kept thin on purpose: every judgement is in :mod:`exporter.advisor.analysis`.
+Kept thin on purpose: every judgement is in :mod:`exporter.advisor.analysis`; :func:`advise` fetches a
+run and hands it to that module.
 Series are aggregated per run (``max`` / ``avg`` / ``sum`` without any label),
 so a run exported by several ranks, or scraped under another instance after a
 restart, still reads as one.
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import requests
 
-from exporter.advisor.analysis import Alert, RunData, Series, Waiting
+from exporter.advisor.analysis import Alert, Report, RunData, Series, Waiting, analyse
 
 # Points per range query at most (Prometheus refuses more than 11,000): a day
 # of run is read at ~30 s resolution, a week at ~3.5 min. Evaluations and
@@ -194,3 +196,17 @@ def gather(
         return Waiting(None, f"no training run in Prometheus at {prom.url} yet (no training_state series "
                              f"within {lookback})", now)
     return fetch_run(prom, chosen, now, lookback, save_steps)
+
+
+def advise(
+    prom: Prometheus,
+    *,
+    run_id: str | None = None,
+    lookback: str = "7d",
+    save_steps: int | None = None,
+    now: float | None = None,
+) -> Report | Waiting:
+    """Fetch and judge one run (the newest when ``run_id`` is empty); raises AdvisorError."""
+    at = time.time() if now is None else now
+    data = gather(prom, at, run_id=run_id or None, lookback=lookback, save_steps=save_steps)
+    return data if isinstance(data, Waiting) else analyse(data)

@@ -205,6 +205,31 @@ def table_panel(
     ))
 
 
+# --------------------------------------------------------------------------- values in descriptions
+# Thresholds come from exporter/thresholds.py; a panel's description writes
+# them with these, so that the text follows the value.
+
+
+def number(value: float) -> str:
+    """``100``, ``0.3``, ``1e-10``."""
+    return f"{value:g}"
+
+
+def percent(ratio: float) -> str:
+    """``0.35`` -> ``35%``."""
+    return f"{ratio:.0%}"
+
+
+def in_words(seconds: float) -> str:
+    """A duration as a sentence says it: ``an hour``, ``15 minutes``, ``6 hours``, ``90 s``."""
+    for size, one, many in ((3600, "an hour", "hours"), (60, "a minute", "minutes")):
+        if seconds == size:
+            return one
+        if seconds > size and seconds % size == 0:
+            return f"{seconds / size:g} {many}"
+    return f"{seconds:g} s"
+
+
 # --------------------------------------------------------------------------- small option builders
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: what the model gets right (seed 001's eval and preview cards, the pattern heatmap)."""
+"""Evaluation: what the model gets right (exact match, previews, loss and calibration, the pattern heatmap)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ from typing import Any
 
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
+
+from exporter.thresholds import (
+    DATASET_DRIFT_CRITICAL,
+    DATASET_DRIFT_WARNING,
+    EXACT_MATCH_FAIR,
+    EXACT_MATCH_GOOD,
+    POOR_CALIBRATION,
+)
 
 from .common import (
     GREEN,
@@ -17,6 +25,8 @@ from .common import (
     YELLOW,
     bargauge_panel,
     new_dashboard,
+    number,
+    percent,
     q,
     row,
     sel,
@@ -28,8 +38,12 @@ from .common import (
 
 UID = "training-evaluation"
 
-# Seed 001's pattern heatmap: green > 80%, yellow 60-80%, red < 60%.
-ACCURACY_STEPS = ((None, RED), (0.6, YELLOW), (0.8, GREEN))
+# Exact-match colours (bars and the pattern heatmap): red, yellow, green.
+ACCURACY_STEPS = ((None, RED), (EXACT_MATCH_FAIR.value, YELLOW), (EXACT_MATCH_GOOD.value, GREEN))
+ACCURACY_TEXT = f"Red below {percent(EXACT_MATCH_FAIR.value)}, yellow below {percent(EXACT_MATCH_GOOD.value)}."
+MAX_ECE = POOR_CALIBRATION.value("max_ece")
+DRIFT_WARNING = DATASET_DRIFT_WARNING.value("max_divergence")
+DRIFT_CRITICAL = DATASET_DRIFT_CRITICAL.value("max_divergence")
 
 
 def build() -> Any:
@@ -54,7 +68,7 @@ def build() -> Any:
         min_value=0, max_value=1, points=True,
     ))
     dash = dash.with_panel(bargauge_panel(
-        "Exact match now", "Last exact-match rate per regime and source. Red below 60%, yellow below 80%.",
+        "Exact match now", f"Last exact-match rate per regime and source. {ACCURACY_TEXT}",
         UNIT_RATIO,
         [q(sel("training_eval_exact_match_ratio"), "{{regime}} / {{source}}", instant=True)],
         steps=ACCURACY_STEPS, w=6, vertical=False, min_value=0, max_value=1,
@@ -68,7 +82,7 @@ def build() -> Any:
         table_panel(
             "Accuracy by pattern and answer length",
             "Exact-match rate of the last fixed evaluation by pattern (rows) and golden-answer length bucket "
-            "(columns). Red below 60%, yellow below 80%.",
+            f"(columns). {ACCURACY_TEXT}",
             UNIT_RATIO,
             [q(sel("training_eval_pattern_accuracy_ratio"), instant=True, table_format=True)],
             hide=(),
@@ -116,9 +130,9 @@ def build() -> Any:
     ))
     dash = dash.with_panel(timeseries_panel(
         "Expected calibration error", "ECE of the last fixed evaluation (15 bins). Dashed: "
-        "TrainingPoorCalibration at 0.3.", UNIT_RATIO,
+        f"TrainingPoorCalibration at {number(MAX_ECE)}.", UNIT_RATIO,
         [q(sel("training_eval_calibration_error_ratio"), "{{run_id}}")],
-        min_value=0, limits=((None, GREEN), (0.3, RED)), points=True,
+        min_value=0, limits=((None, GREEN), (MAX_ECE, RED)), points=True,
     ))
 
     dash = dash.with_row(row("Confidence"))
@@ -169,10 +183,11 @@ def build() -> Any:
     dash = dash.with_panel(timeseries_panel(
         "Dataset drift (JS divergence)",
         "Jensen-Shannon divergence (base 2, 0..1) of the recent batches' profile from the reference data, by "
-        "feature. Dashed: TrainingDatasetDrift warning at 0.1, critical at 0.2.",
+        f"feature. Dashed: TrainingDatasetDrift warning at {number(DRIFT_WARNING)}, critical at "
+        f"{number(DRIFT_CRITICAL)}.",
         UNIT_NONE,
         [q(sel("training_dataset_drift_js_divergence"), "{{feature}}")],
-        min_value=0, limits=((None, GREEN), (0.1, YELLOW), (0.2, RED)),
+        min_value=0, limits=((None, GREEN), (DRIFT_WARNING, YELLOW), (DRIFT_CRITICAL, RED)),
     ))
     dash = dash.with_panel(table_panel(
         "Other evaluation metrics", "Any other number the last Trainer evaluation reported (eval_ prefix "

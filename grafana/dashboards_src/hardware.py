@@ -1,5 +1,4 @@
-"""Hardware: GPUs and hosts of the training and the analytics side (seed 001's hardware card and its
-throughput-vs-VRAM chart).
+"""Hardware: GPUs and hosts of the training and the analytics side, and throughput against GPU memory.
 
 Both sides publish the same families: the training exporter's GPU (NVML) and
 host (psutil) collectors, which the checkpoint analytics exporter registers
@@ -15,6 +14,8 @@ from grafana_foundation_sdk.builders import xychart
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import xychart as xm
 
+from exporter.thresholds import DISK_NEARLY_FULL_CRITICAL, DISK_NEARLY_FULL_WARNING, GPU_HOT, GPU_MEMORY_NEARLY_FULL
+
 from .common import (
     DATASOURCE,
     GREEN,
@@ -27,6 +28,8 @@ from .common import (
     YELLOW,
     legend_list,
     new_dashboard,
+    number,
+    percent,
     q,
     row,
     sel,
@@ -36,6 +39,10 @@ from .common import (
 
 UID = "training-hardware"
 GPU = "{{instance}} GPU {{gpu}}"
+GPU_HOT_CELSIUS = GPU_HOT.value("max_celsius")
+GPU_MEMORY_FULL = GPU_MEMORY_NEARLY_FULL.value("max_ratio")
+DISK_WARNING = DISK_NEARLY_FULL_WARNING.value("max_ratio")
+DISK_CRITICAL = DISK_NEARLY_FULL_CRITICAL.value("max_ratio")
 
 
 def build() -> Any:
@@ -51,9 +58,10 @@ def build() -> Any:
 
     dash = dash.with_row(row("GPUs"))
     dash = dash.with_panel(timeseries_panel(
-        "GPU temperature", "Core temperature per GPU. Dashed: TrainingGpuHot at 85 C.", UNIT_CELSIUS,
+        "GPU temperature", f"Core temperature per GPU. Dashed: TrainingGpuHot at {number(GPU_HOT_CELSIUS)} C.",
+        UNIT_CELSIUS,
         [q(sel("training_gpu_temperature_celsius"), GPU)],
-        limits=((None, GREEN), (85, RED)),
+        limits=((None, GREEN), (GPU_HOT_CELSIUS, RED)),
     ))
     dash = dash.with_panel(timeseries_panel(
         "GPU memory", "Memory in use per GPU, and installed.", UNIT_BYTES,
@@ -62,10 +70,11 @@ def build() -> Any:
         min_value=0,
     ))
     dash = dash.with_panel(timeseries_panel(
-        "GPU memory used", "Share of each GPU's memory in use. Dashed: TrainingGpuMemoryNearlyFull at 95%.",
+        "GPU memory used",
+        f"Share of each GPU's memory in use. Dashed: TrainingGpuMemoryNearlyFull at {percent(GPU_MEMORY_FULL)}.",
         UNIT_RATIO,
         [q(sel("run_gpu:training_gpu_memory_used:ratio"), GPU)],
-        min_value=0, max_value=1, limits=((None, GREEN), (0.95, RED)),
+        min_value=0, max_value=1, limits=((None, GREEN), (GPU_MEMORY_FULL, RED)),
     ))
     dash = dash.with_panel(timeseries_panel(
         "GPU utilisation", "Share of the last sample period during which a kernel ran, per GPU.", UNIT_RATIO,
@@ -102,9 +111,10 @@ def build() -> Any:
     ))
     dash = dash.with_panel(timeseries_panel(
         "Disk used", "Share of the filesystem holding the output (checkpoint) directory in use. Dashed: "
-        "TrainingDiskNearlyFull at 90% (warning) and 97% (critical).", UNIT_RATIO,
+        f"TrainingDiskNearlyFull at {percent(DISK_WARNING)} (warning) and {percent(DISK_CRITICAL)} (critical).",
+        UNIT_RATIO,
         [q(sel("run:training_host_disk_used:ratio"), "{{instance}}")],
-        min_value=0, max_value=1, limits=((None, GREEN), (0.9, YELLOW), (0.97, RED)),
+        min_value=0, max_value=1, limits=((None, GREEN), (DISK_WARNING, YELLOW), (DISK_CRITICAL, RED)),
     ))
 
     dash = dash.with_row(row("Throughput vs GPU memory"))

@@ -1,5 +1,6 @@
 """Layers: per-layer / per-LoRA-module gradients from the training exporter, drift and stability from the
-checkpoint analytics exporter (seed 002's layer drift and parameter stability cards)."""
+checkpoint analytics exporter (the figures of its layer_drift.json and parameter_stability.json documents,
+docs/analytics.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ from typing import Any
 from grafana_foundation_sdk.builders import heatmap
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import heatmap as hm
+
+from exporter.thresholds import (
+    ANALYTICS_STALE,
+    DEAD_LAYERS,
+    DRIFT_PATTERN_RATIO,
+    GRADIENT_IMBALANCE,
+    LAYER_DRIFT_EXCESSIVE,
+    LAYER_DRIFT_NOTABLE,
+    WEIGHTS_EXPLODING_CRITICAL,
+    WEIGHTS_EXPLODING_WARNING,
+    WEIGHTS_VANISHING_CRITICAL,
+    WEIGHTS_VANISHING_WARNING,
+)
 
 from .common import (
     BLUE,
@@ -20,7 +34,10 @@ from .common import (
     UNIT_SECONDS,
     YELLOW,
     bargauge_panel,
+    in_words,
     new_dashboard,
+    number,
+    percent,
     q,
     row,
     sel,
@@ -31,14 +48,21 @@ from .common import (
 
 UID = "training-layers"
 
-# Seed 002: per-layer drift bars green < 20%, yellow 20-35%, red > 35%
-# (TrainingLayerDriftExcessive fires above 35%).
-DRIFT_STEPS = ((None, GREEN), (0.2, YELLOW), (0.35, RED))
-# The thresholds of TrainingWeightsExploding (warning 100, critical 150) and
-# TrainingWeightsVanishing (warning 1e-10, critical 1e-12): a bar in colour is
-# a layer that alert fires for.
-MAX_ABS_STEPS = ((None, GREEN), (100, YELLOW), (150, RED))
-MIN_ABS_STEPS = ((None, RED), (1e-12, YELLOW), (1e-10, GREEN))
+# Per-layer drift bars: green, yellow from a notable drift, red above
+# TrainingLayerDriftExcessive's threshold.
+DRIFT_NOTABLE = LAYER_DRIFT_NOTABLE.value
+DRIFT_EXCESSIVE = LAYER_DRIFT_EXCESSIVE.value("max_drift")
+DRIFT_STEPS = ((None, GREEN), (DRIFT_NOTABLE, YELLOW), (DRIFT_EXCESSIVE, RED))
+# The thresholds of TrainingWeightsExploding and TrainingWeightsVanishing
+# (warning, critical): a bar in colour is a layer that alert fires for.
+MAX_ABS_WARNING = WEIGHTS_EXPLODING_WARNING.value("max_abs_weight")
+MAX_ABS_CRITICAL = WEIGHTS_EXPLODING_CRITICAL.value("max_abs_weight")
+MIN_ABS_WARNING = WEIGHTS_VANISHING_WARNING.value("min_abs_weight")
+MIN_ABS_CRITICAL = WEIGHTS_VANISHING_CRITICAL.value("min_abs_weight")
+MAX_ABS_STEPS = ((None, GREEN), (MAX_ABS_WARNING, YELLOW), (MAX_ABS_CRITICAL, RED))
+MIN_ABS_STEPS = ((None, RED), (MIN_ABS_CRITICAL, YELLOW), (MIN_ABS_WARNING, GREEN))
+IMBALANCE = GRADIENT_IMBALANCE.value("max_ratio")
+STALE_SECONDS = ANALYTICS_STALE.value("max_age_seconds")
 
 
 def build() -> Any:
@@ -70,7 +94,7 @@ def build() -> Any:
     )
     dash = dash.with_panel(stat_panel(
         "Dead layers", "Trainable groups whose gradient was exactly zero at the last sample "
-        "(TrainingDeadLayers fires on any, sustained 15 minutes).", UNIT_NONE,
+        f"(TrainingDeadLayers fires on any, sustained {in_words(DEAD_LAYERS.for_seconds)}).", UNIT_NONE,
         [q(sel("training_dead_layers"), "{{run_id}}", instant=True)],
         w=4, h=8, background=True, steps=((None, GREEN), (1, RED)),
     ))
@@ -81,9 +105,9 @@ def build() -> Any:
     ))
     dash = dash.with_panel(timeseries_panel(
         "Gradient imbalance", "Largest / smallest non-zero group gradient norm. Dashed: "
-        "TrainingGradientImbalance at 1000.", UNIT_NONE,
+        f"TrainingGradientImbalance at {number(IMBALANCE)}.", UNIT_NONE,
         [q(sel("run:training_layer_grad_norm:imbalance_ratio"), "{{run_id}}")],
-        log=True, limits=((None, GREEN), (1000, RED)),
+        log=True, limits=((None, GREEN), (IMBALANCE, RED)),
     ))
     dash = dash.with_panel(timeseries_panel(
         "Update ratio by layer and module",
@@ -103,7 +127,7 @@ def build() -> Any:
     ))
     dash = dash.with_panel(stat_panel(
         "Drift pattern", "Where drift concentrates: top_heavy / bottom_heavy when the top or bottom layers "
-        "drifted 1.5x the other end on average, else uniform.", UNIT_NONE,
+        f"drifted {number(DRIFT_PATTERN_RATIO.value)}x the other end on average, else uniform.", UNIT_NONE,
         [q(f"{sel('training_analytics_drift_pattern')} == 1", "{{pattern}}", instant=True)],
         show_name=True,
     ))
@@ -117,10 +141,10 @@ def build() -> Any:
            instant=True)],
     ))
     dash = dash.with_panel(stat_panel(
-        "Analysis age", "Time since the last complete analysis. Red after an hour (TrainingAnalyticsStale, "
-        "while the run trains).", UNIT_SECONDS,
+        "Analysis age", f"Time since the last complete analysis. Red after {in_words(STALE_SECONDS)} "
+        "(TrainingAnalyticsStale, while the run trains).", UNIT_SECONDS,
         [q(f"time() - {sel('training_analytics_last_success_timestamp_seconds')}", "{{run_id}}", instant=True)],
-        steps=((None, GREEN), (3600, RED)),
+        steps=((None, GREEN), (STALE_SECONDS, RED)),
     ))
     dash = dash.with_panel(stat_panel(
         "Analysis duration", "Wall time of the last analysis.", UNIT_SECONDS,
@@ -128,7 +152,8 @@ def build() -> Any:
     ))
     dash = dash.with_panel(bargauge_panel(
         "Drift per layer",
-        "||W - W0|| / ||W0|| of each layer against the base model. Green < 20%, yellow 20-35%, red > 35% "
+        f"||W - W0|| / ||W0|| of each layer against the base model. Green < {percent(DRIFT_NOTABLE)}, yellow "
+        f"{DRIFT_NOTABLE * 100:.0f}-{percent(DRIFT_EXCESSIVE)}, red > {percent(DRIFT_EXCESSIVE)} "
         "(TrainingLayerDriftExcessive).",
         UNIT_RATIO,
         [q(sel("training_analytics_layer_relative_drift_ratio"), "{{layer}}", instant=True)],
@@ -136,16 +161,17 @@ def build() -> Any:
     ))
     dash = dash.with_panel(bargauge_panel(
         "Largest |w| per layer",
-        "Parameter stability: the largest absolute weight of each layer. Yellow above 100, red above 150 "
-        "(TrainingWeightsExploding warning / critical).",
+        f"Parameter stability: the largest absolute weight of each layer. Yellow above {number(MAX_ABS_WARNING)}, "
+        f"red above {number(MAX_ABS_CRITICAL)} (TrainingWeightsExploding warning / critical).",
         UNIT_NONE,
         [q(sel("training_analytics_layer_max_abs_weight"), "{{layer}}", instant=True)],
         steps=MAX_ABS_STEPS, min_value=0,
     ))
     dash = dash.with_panel(bargauge_panel(
         "Smallest non-zero |w| per layer",
-        "Parameter stability: the smallest non-zero absolute weight of each layer. Yellow below 1e-10, red "
-        "below 1e-12 (TrainingWeightsVanishing warning / critical).",
+        "Parameter stability: the smallest non-zero absolute weight of each layer. Yellow below "
+        f"{number(MIN_ABS_WARNING)}, red below {number(MIN_ABS_CRITICAL)} (TrainingWeightsVanishing warning / "
+        "critical).",
         UNIT_SCI,
         [q(f"{sel('training_analytics_layer_min_abs_weight')} > 0", "{{layer}}", instant=True)],
         steps=MIN_ABS_STEPS,

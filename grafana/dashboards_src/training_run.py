@@ -1,8 +1,18 @@
-"""Training run: the control room's summary bar and training curves (seed 001 layout)."""
+"""Training run: the control room's summary bar (state, progress, ETA, health lights) and training curves."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from exporter.thresholds import (
+    GPU_HOT,
+    GPU_WARM_CELSIUS,
+    GRADIENT_EXPLODING,
+    LOSS_TREND_FALLING,
+    LOSS_TREND_RISING,
+    THROUGHPUT_DEGRADED,
+    THROUGHPUT_LOW_RATIO,
+)
 
 from .common import (
     BLUE,
@@ -20,7 +30,10 @@ from .common import (
     alerts_selector,
     bargauge_panel,
     fixed_color,
+    in_words,
     new_dashboard,
+    number,
+    percent,
     q,
     row,
     sel,
@@ -33,7 +46,15 @@ UID = "training-run"
 
 # The tokens/s baseline, as TrainingThroughputDegraded judges it: the 90th
 # percentile of the run's own 5m rate over 6 hours (recorded, so cheap here).
-BASELINE = f"quantile_over_time(0.9, {sel('run:training_tokens:rate5m')}[6h])"
+BASELINE_QUANTILE = THROUGHPUT_DEGRADED.value("quantile")
+BASELINE_WINDOW = THROUGHPUT_DEGRADED.duration("baseline")
+BASELINE = f"quantile_over_time({number(BASELINE_QUANTILE)}, {sel('run:training_tokens:rate5m')}[{BASELINE_WINDOW}])"
+# Its description: "90th percentile", "over 6 hours".
+BASELINE_TEXT = (f"{BASELINE_QUANTILE * 100:.0f}th percentile",
+                 f"over {in_words(THROUGHPUT_DEGRADED.seconds('baseline'))}")
+DEGRADED = THROUGHPUT_DEGRADED.value("ratio")
+GPU_HOT_CELSIUS = GPU_HOT.value("max_celsius")
+GRAD_NORM_MAX = GRADIENT_EXPLODING.value("max_norm")
 
 
 def build() -> Any:
@@ -76,26 +97,30 @@ def build() -> Any:
         "Loss trend",
         "Relative change of the loss EMA over 15 minutes (run:training_loss_ema:relative_change15m); a run "
         "younger than 20 minutes shows the slope of the last 5 minutes projected over 15. Green: falling by "
-        "more than 1%, yellow: flat, red: rising by more than 2%.",
+        f"more than {percent(-LOSS_TREND_FALLING.value)}, yellow: flat, red: rising by more than "
+        f"{percent(LOSS_TREND_RISING.value)}.",
         UNIT_RATIO,
         [q(f"{sel('run:training_loss_ema:relative_change15m')} "
            f"or deriv({sel('training_loss_ema')}[5m]) * 900 / {sel('training_loss_ema')}",
            "{{run_id}}", instant=True)],
-        w=3, background=True, steps=((None, GREEN), (-0.01, YELLOW), (0.02, RED)),
+        w=3, background=True, steps=((None, GREEN), (LOSS_TREND_FALLING.value, YELLOW), (LOSS_TREND_RISING.value, RED)),
     ))
     dash = dash.with_panel(stat_panel(
         "Throughput",
-        "Tokens/s (5m rate) against the run's own baseline, the 90th percentile of that rate over 6 hours. "
-        "Red below 70% (TrainingThroughputDegraded), yellow below 90%.",
+        f"Tokens/s (5m rate) against the run's own baseline, the {BASELINE_TEXT[0]} of that rate "
+        f"{BASELINE_TEXT[1]}. Red below {percent(DEGRADED)} (TrainingThroughputDegraded), yellow below "
+        f"{percent(THROUGHPUT_LOW_RATIO.value)}.",
         UNIT_RATIO,
         [q(f"{sel('run:training_tokens:rate5m')} / {BASELINE}", "{{run_id}}", instant=True)],
-        w=3, background=True, steps=((None, RED), (0.7, YELLOW), (0.9, GREEN)),
+        w=3, background=True, steps=((None, RED), (DEGRADED, YELLOW), (THROUGHPUT_LOW_RATIO.value, GREEN)),
     ))
     dash = dash.with_panel(stat_panel(
-        "GPU temperature", "Hottest GPU of the run. Yellow from 75 C, red from 85 C (TrainingGpuHot).",
+        "GPU temperature", f"Hottest GPU of the run. Yellow from {number(GPU_WARM_CELSIUS.value)} C, red from "
+        f"{number(GPU_HOT_CELSIUS)} C (TrainingGpuHot).",
         UNIT_CELSIUS,
         [q(f"max without (gpu, UUID) ({sel('training_gpu_temperature_celsius')})", "{{instance}}", instant=True)],
-        w=3, background=True, steps=((None, GREEN), (75, YELLOW), (85, RED)), no_value="no GPU",
+        w=3, background=True, steps=((None, GREEN), (GPU_WARM_CELSIUS.value, YELLOW), (GPU_HOT_CELSIUS, RED)),
+        no_value="no GPU",
     ))
 
     dash = dash.with_row(row("Loss and optimisation"))
@@ -120,12 +145,12 @@ def build() -> Any:
     dash = dash.with_panel(timeseries_panel(
         "Gradient norm",
         "Global L2 norm before clipping, and the largest and smallest non-zero per-layer / per-module norm "
-        "(sampled). Dashed: TrainingGradientExploding at 100.",
+        f"(sampled). Dashed: TrainingGradientExploding at {number(GRAD_NORM_MAX)}.",
         UNIT_NONE,
         [q(sel("training_grad_norm"), "global {{run_id}}"),
          q(sel("run:training_layer_grad_norm:max"), "largest group {{run_id}}"),
          q(sel("run:training_layer_grad_norm:min"), "smallest group {{run_id}}")],
-        log=True, limits=((None, GREEN), (100, RED)),
+        log=True, limits=((None, GREEN), (GRAD_NORM_MAX, RED)),
     ))
     dash = dash.with_panel(timeseries_panel(
         "Step duration",
@@ -138,12 +163,13 @@ def build() -> Any:
     dash = dash.with_row(row("Throughput and alerts"))
     dash = dash.with_panel(timeseries_panel(
         "Tokens / s vs baseline",
-        "Non-padding tokens per second (1m rate), the run's baseline (90th percentile of its 5m rate over 6 "
-        "hours) and the level below which TrainingThroughputDegraded fires (70% of the baseline).",
+        f"Non-padding tokens per second (1m rate), the run's baseline ({BASELINE_TEXT[0]} of its 5m rate "
+        f"{BASELINE_TEXT[1]}) and the level below which TrainingThroughputDegraded fires ({percent(DEGRADED)} of "
+        "the baseline).",
         UNIT_SHORT,
         [q(sel("run:training_tokens:rate1m"), "tokens/s {{run_id}}"),
          q(BASELINE, "baseline {{run_id}}"),
-         q(f"0.7 * {BASELINE}", "alert level {{run_id}}")],
+         q(f"{number(DEGRADED)} * {BASELINE}", "alert level {{run_id}}")],
     ))
     dash = dash.with_panel(table_panel(
         "Active alerts",

@@ -18,8 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from exporter.argtypes import integer
-from exporter.previews import PREVIEW_FIELDS, PreviewHistory, PreviewHistoryError, parse_time_bound
+from exporter.argtypes import EXIT_FAILED, EXIT_OK, checked, fail, integer
+from exporter.previews.history import PreviewHistory
+from exporter.previews.query import PreviewFilter
+from exporter.previews.records import PREVIEW_FIELDS, PreviewHistoryError, parse_time_bound
 
 FORMATS = ("table", "json", "jsonl", "csv")
 # The same variable that sets the directory the training writes to (config option history.dir).
@@ -54,14 +56,9 @@ def _bool(text: str) -> bool:
 
 def _time(end: bool) -> Callable[[str], datetime]:
     def parse(text: str) -> datetime:
-        try:
-            return parse_time_bound(text, end=end)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an ISO 8601 date or datetime (2025-11-22, 2025-11-22T14:30:00Z), got {text!r}"
-            ) from None
+        return parse_time_bound(text, end=end)
 
-    return parse
+    return checked(parse, "expected an ISO 8601 date or datetime (2025-11-22, 2025-11-22T14:30:00Z), got {text!r}")
 
 
 def add_parser(sub: Any, name: str) -> argparse.ArgumentParser:
@@ -168,8 +165,6 @@ WRITERS: dict[str, Callable[[Sequence[dict[str, Any]], TextIO], None]] = {
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporter.cli import EXIT_FAILED, fail
-
     directory = Path(args.dir)
     if not directory.is_dir():
         fail(f"--dir {args.dir}: no such directory")
@@ -180,10 +175,12 @@ def run(args: argparse.Namespace) -> int:
     history = PreviewHistory(directory)
     try:
         rows = history.query(
-            regime=args.regime, source=args.source, exact_match=args.exact_match,
-            failure_mode=args.failure_mode, step_min=args.step_min, step_max=args.step_max,
-            since=args.since, until=args.until, limit=args.limit, offset=args.offset,
-            newest_first=not args.oldest_first,
+            PreviewFilter(
+                regime=args.regime, source=args.source, exact_match=args.exact_match,
+                failure_mode=args.failure_mode, step_min=args.step_min, step_max=args.step_max,
+                since=args.since, until=args.until,
+            ),
+            limit=args.limit, offset=args.offset, newest_first=not args.oldest_first,
         )
     except PreviewHistoryError as exc:
         sys.stderr.write(f"training-exporter: error: {exc}\n")
@@ -195,4 +192,4 @@ def run(args: argparse.Namespace) -> int:
         # `previews | head`: the reader left, which is not an error. Point stdout at devnull so the
         # interpreter's flush at exit does not raise again (as the Python signal docs recommend).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    return EXIT_OK

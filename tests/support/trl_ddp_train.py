@@ -1,10 +1,10 @@
 """Tiny 2-rank DDP run (torchrun, gloo on the CPU) of the plain Trainer or TRL's SFTTrainer, for
 tests/test_trainers_ddp.py::
 
-    torchrun --nproc_per_node 2 tests/trl_ddp_train.py --trainer sft --port 9945 --output-dir /tmp/run
+    torchrun --nproc_per_node 2 tests/support/trl_ddp_train.py --trainer sft --port 9945 --output-dir /tmp/run
 
 Every rank trains a tiny Llama on variable-length examples with a PrometheusCallback (ranks="all",
-so rank r serves on port + r) followed by a tests/trl_support.Recorder. After every optimizer step
+so rank r serves on port + r) followed by a tests/support/trl_support.Recorder. After every optimizer step
 the rank writes OUTPUT_DIR/truth-rank<R>.json: per step, the summed NLL and label-token count of
 the micro-batches this rank saw, and the training_loss its exporter published for that step. The
 linger time keeps each endpoint up after training so the test can scrape the final values.
@@ -18,13 +18,17 @@ import os
 import sys
 from typing import Any
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# Importable from the source tree without installing the package, and trl_support next to this file.
-sys.path[:0] = [os.path.dirname(HERE), HERE]
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Importable from the source tree without installing the package (this file is ROOT/tests/support/), and
+# support.trl_support as the test modules import it: torchrun puts only this file's folder on sys.path.
+sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 
 import torch  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
-from trl_support import (  # noqa: E402
+
+from exporter.callback import PrometheusCallback  # noqa: E402
+from exporter.config import ExporterConfig  # noqa: E402
+from support.trl_support import (  # noqa: E402
     PadCollator,
     Recorder,
     TokenizedList,
@@ -35,9 +39,6 @@ from trl_support import (  # noqa: E402
     tiny_llama,
     training_args,
 )
-
-from exporter.callback import PrometheusCallback  # noqa: E402
-from exporter.config import ExporterConfig  # noqa: E402
 
 
 class TruthWriter(TrainerCallback):

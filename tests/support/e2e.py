@@ -6,10 +6,11 @@ server standing in for Slack and a local SMTP server (aiosmtpd) standing in
 for the mail relay.
 
 The chain itself (processes, configuration copies, the Slack and SMTP
-stand-ins) is :mod:`exporter.localstack`, shared with ``training-exporter demo
+stand-ins) is :mod:`exporter.demo.localstack`, shared with ``training-exporter demo
 --local-alerting``; this module re-exports it for the tests and adds what only
-the tests need: starting demo runs, scraping /metrics, and watching Prometheus
-and Alertmanager for when things happen.
+the tests need: starting demo runs, launching torchrun workers, scraping
+/metrics (:mod:`support.scrape`, re-exported), and watching Prometheus and
+Alertmanager for when things happen.
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.localstack import (
+from exporter.demo.localstack import (
     ALERTMANAGER,
     ALERTMANAGER_CONFIG,
     ALERTMANAGER_TEMPLATES,
@@ -53,6 +53,7 @@ from exporter.localstack import (
     write_alertmanager_config,
     write_prometheus_config,
 )
+from support.scrape import sample, scrape
 
 __all__ = [
     "ALERTMANAGER",
@@ -136,17 +137,22 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_demo(workdir: Path, run_id: str, port: int, max_steps: int, faults: Iterable[str],
-               linger: float) -> Process:
-    """The project's demo training (`training-exporter demo`) serving on 127.0.0.1:port."""
+               linger: float, save_steps: int | None = None, extra_args: Sequence[str] = ()) -> Process:
+    """The project's demo training (`training-exporter demo`) serving on 127.0.0.1:port.
+
+    Checkpoints every ``save_steps`` steps into ``workdir/run_id``, none by default; ``extra_args`` are
+    more demo flags.
+    """
     argv = [
         sys.executable, "-m", "exporter.cli", "demo",
         "--max-steps", str(max_steps),
         "--web.listen-address", f"127.0.0.1:{port}",
         "--output-dir", str(workdir / run_id),
         "--run-id", run_id,
-        # No checkpoint I/O during the test: nothing here reads checkpoints.
-        "--save-steps", str(max_steps + 1),
+        # By default no checkpoint I/O during the test: nothing reads checkpoints unless it asks for them.
+        "--save-steps", str(max_steps + 1 if save_steps is None else save_steps),
         "--linger", str(linger),
+        *extra_args,
     ]
     for fault in faults:
         argv += ["--inject", fault]
@@ -162,23 +168,6 @@ def alert_names(rule_files: Iterable[Path]) -> set[str]:
 
 
 # --------------------------------------------------------------------------- observers
-
-
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Samples of one /metrics page keyed by (name, labels)."""
-    text = requests.get(url, timeout=2).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
-    for (sample_name, sample_labels), value in samples.items():
-        if sample_name == name and set(labels.items()) <= sample_labels:
-            return value
-    return None
 
 
 class Poller:

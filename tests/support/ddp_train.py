@@ -2,7 +2,7 @@
 
 Run under ``torchrun --nproc_per_node 2`` on the CPU (gloo)::
 
-    torchrun --nproc_per_node 2 tests/ddp_train.py --ranks all --port 9945 --output-dir /tmp/ddp-run
+    torchrun --nproc_per_node 2 tests/support/ddp_train.py --ranks all --port 9945 --output-dir /tmp/ddp-run
 
 Every rank builds the demo Trainer with a :class:`PrometheusCallback`; the
 linger time keeps each endpoint up after training so the final values can be
@@ -15,11 +15,11 @@ import argparse
 import os
 import sys
 
-# Importable from the source tree without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Importable from the source tree without installing the package (this file is ROOT/tests/support/).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from exporter.callback import PrometheusCallback
-from exporter.demo import build_trainer
+from exporter.demo.run import build_trainer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,394 @@
+"""Every threshold and window the project judges a run by: the one place to read and tune them.
+
+One entry per (alert, severity) of ``prometheus/rules/*.alerts.yml`` holds its
+``for``, every number of its expr (other than the 0 and 1 of a comparison or
+a ratio) and every range, subquery step and offset, each under a name with a
+one-line why. After them come the values that are no alert's: those the
+advisor, the checkpoint report (``layer_drift.json`` /
+``parameter_stability.json``, described in docs/analytics.md) and the
+dashboards use beside the alerts' own.
+
+Prometheus has no variables, so every value of an alert is also written as a
+literal in its rule's expr. tests/test_rules.py checks that the two agree:
+the rule's ``for`` equals the entry's, and the windows and the numbers of its
+expr are exactly the entry's, one entry per rule and no entry without one.
+Change a value here and in the expr together, then regenerate what is built
+from it (``make docs dashboards``).
+
+Plain data only: this module imports no other project module and nothing
+heavy, so that the docs generator, the dashboards' code and the tests can
+read it cheaply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Severity = Literal["critical", "warning", "info"]
+
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def duration_seconds(duration: str) -> float:
+    """Seconds of a Prometheus duration with one unit (``"90s"``, ``"15m"``, ``"7d"``)."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d|w|y)", duration)
+    if match is None:
+        raise ValueError(f"not a single-unit Prometheus duration: {duration!r}")
+    return float(int(match[1]) * _UNIT_SECONDS[match[2]])
+
+
+@dataclass(frozen=True)
+class Number:
+    """A number as its expr writes it (an int stays an int, so that generated JSON keeps its form)."""
+
+    value: float
+    why: str
+
+
+@dataclass(frozen=True)
+class Window:
+    """A range, subquery step or offset as its expr writes it (``"5m"``)."""
+
+    duration: str
+    why: str
+
+    @property
+    def seconds(self) -> float:
+        return duration_seconds(self.duration)
+
+
+@dataclass(frozen=True)
+class AlertThresholds:
+    """The values of one alerting rule (one alert at one severity)."""
+
+    alert: str
+    severity: Severity
+    for_: str
+    # What fires it, in one line (the docs' threshold table).
+    when: str
+    numbers: Mapping[str, Number] = field(default_factory=dict)
+    windows: Mapping[str, Window] = field(default_factory=dict)
+
+    def value(self, name: str) -> float:
+        return self.numbers[name].value
+
+    def seconds(self, name: str) -> float:
+        return self.windows[name].seconds
+
+    def duration(self, name: str) -> str:
+        return self.windows[name].duration
+
+    @property
+    def for_seconds(self) -> float:
+        return duration_seconds(self.for_)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A value that is no alert's, used by ``used_by`` beside the alerts' values."""
+
+    value: float
+    used_by: str
+    why: str
+
+
+# --------------------------------------------------------------------------- loss (loss.alerts.yml)
+
+LOSS_NONFINITE = AlertThresholds(
+    "TrainingLossNonFinite", "critical", "0s",
+    "the last loss is NaN/Inf, or the non-finite step counter rose within `recent`",
+    windows={
+        "recent": Window("1m", "resolves this long after the last non-finite step; keep it >= 2 scrape intervals"),
+    },
+)
+LOSS_SPIKE = AlertThresholds(
+    "TrainingLossSpike", "warning", "0s",
+    "a step's loss > `ratio` x the EMA before it or the mean of the finite samples over `baseline`, "
+    "and > `margin` above it",
+    numbers={
+        "ratio": Number(2, "a step this many times its recent level is a spike, not noise"),
+        "margin": Number(0.1, "absolute margin that keeps the noise of a nearly converged loss (0.03 -> 0.08) out"),
+        "min_samples": Number(5, "finite samples the baseline needs, so that the first scrapes of a run are not "
+                                 "judged"),
+        "max_step_age_seconds": Number(60, "the exporter's window of recent steps is trusted only while steps "
+                                           "are being taken (its gauges keep their values when they stop)"),
+    },
+    windows={
+        "baseline": Window("5m", "the finite sampled losses the last one is compared with"),
+    },
+)
+LOSS_PLATEAU = AlertThresholds(
+    "TrainingLossPlateau", "info", "15m",
+    "the loss EMA (mean over `average`) improved < `min_improvement` against `window` earlier, "
+    "with >= `min_steps` steps in between",
+    numbers={
+        "min_improvement": Number(0.01, "relative improvement of the EMA below which the loss is flat"),
+        "min_steps": Number(50, "steps the window must hold, so that a slow or paused run is not judged"),
+    },
+    windows={
+        "window": Window("30m", "how far back the EMA is compared"),
+        "average": Window("10m", "each end of the window is averaged over a third of it, against the EMA's noise"),
+    },
+)
+STALLED = AlertThresholds(
+    "TrainingStalled", "critical", "1m",
+    "no optimizer step for `max_step_age_seconds` s in state training",
+    numbers={
+        "max_step_age_seconds": Number(900, "longer than an evaluation or checkpoint save usually pauses steps; "
+                                            "raise it if yours take longer"),
+    },
+)
+
+# --------------------------------------------------------------------------- gradients (gradients.alerts.yml)
+
+GRADIENT_EXPLODING = AlertThresholds(
+    "TrainingGradientExploding", "warning", "5m",
+    "global grad norm > `max_norm` (lowest of `sustain`)",
+    numbers={"max_norm": Number(100, "two orders of magnitude above the usual clipping norm of 1.0")},
+    windows={"sustain": Window("2m", "the lowest value of this window is judged: a NaN sample neither fires "
+                                     "nor resets the `for`")},
+)
+GRADIENT_VANISHING = AlertThresholds(
+    "TrainingGradientVanishing", "warning", "10m",
+    "global grad norm < `min_norm` (highest of `sustain`)",
+    numbers={"min_norm": Number(1e-07, "a global norm this small moves no weight: the model no longer learns")},
+    windows={"sustain": Window("2m", "the highest value of this window is judged: a NaN sample neither fires "
+                                     "nor resets the `for`")},
+)
+LAYER_GRADIENT_EXPLODING = AlertThresholds(
+    "TrainingLayerGradientExploding", "warning", "5m",
+    "a group's grad norm > `max_norm` (lowest of `sustain`)",
+    numbers={"max_norm": Number(100, "as the global norm's limit, for one (layer, module) group")},
+    windows={"sustain": Window("2m", "the lowest value of this window is judged (NaN samples are skipped)")},
+)
+LAYER_GRADIENT_VANISHING = AlertThresholds(
+    "TrainingLayerGradientVanishing", "warning", "15m",
+    "a group's grad norm < `min_norm`, not 0 (highest of `sustain`)",
+    numbers={"min_norm": Number(1e-05, "a group this far below the others barely learns; exactly 0 is "
+                                       "TrainingDeadLayers")},
+    windows={"sustain": Window("2m", "the highest value of this window is judged (NaN samples are skipped)")},
+)
+DEAD_LAYERS = AlertThresholds(
+    "TrainingDeadLayers", "warning", "15m",
+    "groups with an exactly zero gradient > 0",
+    # The `for` alone: a skipped step zeroes every group once, a dead group stays at 0.
+)
+GRADIENT_IMBALANCE = AlertThresholds(
+    "TrainingGradientImbalance", "warning", "15m",
+    "largest / smallest non-zero group grad norm (each over `sustain`) > `max_ratio`",
+    numbers={"max_ratio": Number(1000, "three orders of magnitude between groups: some barely learn or one "
+                                       "starts to explode")},
+    windows={"sustain": Window("2m", "each group over this window, so that a NaN or skipped step does not reset "
+                                     "the `for`")},
+)
+
+# --------------------------------------------------------------------------- optimizer (optimizer.alerts.yml)
+
+LEARNING_RATE_ZERO = AlertThresholds(
+    "TrainingLearningRateZero", "warning", "5m",
+    "learning rate == 0 while steps advance (over `stepping`)",
+    windows={"stepping": Window("5m", "steps taken within this window count as a run still stepping")},
+)
+LEARNING_RATE_FROZEN = AlertThresholds(
+    "TrainingLearningRateFrozen", "info", "5m",
+    "learning rate unchanged for `unchanged` with >= `min_steps` steps",
+    numbers={"min_steps": Number(100, "enough steps for any decaying schedule to have moved the rate")},
+    windows={"unchanged": Window("30m", "how long the rate must stay the same (also the span of `min_steps`)")},
+)
+
+# --------------------------------------------------------------------------- evaluation (evaluation.alerts.yml)
+
+POOR_CALIBRATION = AlertThresholds(
+    "TrainingPoorCalibration", "warning", "1m",
+    "expected calibration error > `max_ece`",
+    numbers={"max_ece": Number(0.3, "confidence off from accuracy by 30 points on average")},
+)
+OVERFITTING = AlertThresholds(
+    "TrainingOverfitting", "warning", "15m",
+    "last finite eval loss (within `last_eval`) > `eval_ratio` x its best over `history`, while the EMA "
+    "(mean over `average`) is below `train_ratio` x its value `last_eval` earlier",
+    numbers={
+        "eval_ratio": Number(1.05, "the eval loss is 5% above its best: more than evaluation noise"),
+        "train_ratio": Number(0.99, "the training loss still fell by more than 1%: the model memorises"),
+    },
+    windows={
+        "last_eval": Window("1h", "the last finite eval loss within this window (a NaN evaluation neither fires "
+                                  "nor resets the `for`), and how far back the EMA is compared"),
+        "history": Window("7d", "the best eval loss of the run, over any run length"),
+        "average": Window("15m", "each end of the EMA comparison is averaged over this"),
+    },
+)
+EXACT_MATCH_DROP = AlertThresholds(
+    "TrainingExactMatchDrop", "warning", "1m",
+    "exact match >= `min_drop` (absolute) below its best over `history`, per regime, fixed_eval source only",
+    numbers={"min_drop": Number(0.05, "5 points below the best: more than a small pool's noise")},
+    windows={"history": Window("7d", "the best rate of the run, over any run length")},
+)
+
+# --------------------------------------------------------------------------- throughput (throughput.alerts.yml)
+
+THROUGHPUT_DEGRADED = AlertThresholds(
+    "TrainingThroughputDegraded", "warning", "10m",
+    "tokens/s (`rate` rate) < `ratio` x its `quantile` quantile over `baseline` (at `resolution`); "
+    "run older than `min_age`",
+    numbers={
+        "ratio": Number(0.7, "a 30% drop is more than evaluations and checkpoint saves cost on average"),
+        "quantile": Number(0.9, "the usual level, which dips do not lower and a lasting slowdown replaces only "
+                                "after most of the baseline window (a median would after half)"),
+    },
+    windows={
+        "rate": Window("5m", "tokens/s are a rate over this window"),
+        "baseline": Window("6h", "the run's own usual level is taken over this window"),
+        "resolution": Window("1m", "step of the baseline's subquery"),
+        "min_age": Window("30m", "a younger run has no baseline yet"),
+    },
+)
+
+# --------------------------------------------------------------------------- exporter (exporter.alerts.yml)
+
+EXPORTER_DOWN = AlertThresholds(
+    "TrainingExporterDown", "critical", "2m",
+    "up == 0 for a target up within `memory`, unless its newest run was last seen completed or terminated, "
+    "or < `near_end_seconds` s from max_steps",
+    numbers={"near_end_seconds": Number(60, "a run this close to max_steps when last seen counts as completed "
+                                            "(its final state may not have been scraped)")},
+    windows={"memory": Window("1d", "how long a target's last up, its newest run and that run's state are "
+                                    "remembered")},
+)
+EXPORTER_ABSENT = AlertThresholds(
+    "TrainingExporterAbsent", "warning", "2m",
+    "a run's series seen within `memory` are gone while its target is not down, unless it was last seen "
+    "completed or terminated, or < `near_end_seconds` s from max_steps",
+    numbers={"near_end_seconds": Number(60, "as for TrainingExporterDown")},
+    windows={"memory": Window("1h", "how long a vanished run's series and state are remembered")},
+)
+
+# --------------------------------------------------------------------------- hardware (hardware.alerts.yml)
+
+GPU_HOT = AlertThresholds(
+    "TrainingGpuHot", "warning", "5m",
+    "GPU temperature > `max_celsius` C",
+    numbers={"max_celsius": Number(85, "where data-centre GPUs start to throttle their clocks")},
+)
+GPU_MEMORY_NEARLY_FULL = AlertThresholds(
+    "TrainingGpuMemoryNearlyFull", "warning", "10m",
+    "GPU memory used / total > `max_ratio`",
+    numbers={"max_ratio": Number(0.95, "a longer batch may not fit (NVML counts PyTorch's cached blocks too)")},
+)
+DISK_NEARLY_FULL_WARNING = AlertThresholds(
+    "TrainingDiskNearlyFull", "warning", "5m",
+    "output-dir filesystem used / total > `max_ratio`",
+    numbers={"max_ratio": Number(0.9, "time to clean up before the next checkpoints fill it")},
+)
+DISK_NEARLY_FULL_CRITICAL = AlertThresholds(
+    "TrainingDiskNearlyFull", "critical", "1m",
+    "output-dir filesystem used / total > `max_ratio`",
+    numbers={"max_ratio": Number(0.97, "the next checkpoint save will likely fail and end the run")},
+)
+
+# --------------------------------------------------------------------------- data (data.alerts.yml)
+
+DATASET_DRIFT_WARNING = AlertThresholds(
+    "TrainingDatasetDrift", "warning", "1m",
+    "JS divergence of a feature > `max_divergence`",
+    numbers={"max_divergence": Number(0.1, "above the noise of a full window of thousands of sequences")},
+)
+DATASET_DRIFT_CRITICAL = AlertThresholds(
+    "TrainingDatasetDrift", "critical", "1m",
+    "JS divergence of a feature > `max_divergence`",
+    numbers={"max_divergence": Number(0.2, "the run probably trains on other data than intended")},
+)
+
+# --------------------------------------------------------------------------- analytics (analytics.alerts.yml)
+
+WEIGHTS_EXPLODING_WARNING = AlertThresholds(
+    "TrainingWeightsExploding", "warning", "1m",
+    "a layer's max |w| > `max_abs_weight`",
+    numbers={"max_abs_weight": Number(100, "far above the weights of a healthy transformer layer (order 1)")},
+)
+WEIGHTS_EXPLODING_CRITICAL = AlertThresholds(
+    "TrainingWeightsExploding", "critical", "1m",
+    "a layer's max |w| > `max_abs_weight`",
+    numbers={"max_abs_weight": Number(150, "training is diverging: a NaN loss is likely to follow")},
+)
+WEIGHTS_VANISHING_WARNING = AlertThresholds(
+    "TrainingWeightsVanishing", "warning", "1m",
+    "a layer's min non-zero |w| < `min_abs_weight`",
+    numbers={"min_abs_weight": Number(1e-10, "weights collapsing towards zero (a large layer may hold a few by "
+                                             "chance: compare with the base model)")},
+)
+WEIGHTS_VANISHING_CRITICAL = AlertThresholds(
+    "TrainingWeightsVanishing", "critical", "1m",
+    "a layer's min non-zero |w| < `min_abs_weight`",
+    numbers={"min_abs_weight": Number(1e-12, "near the underflow of low-precision weights")},
+)
+LAYER_DRIFT_EXCESSIVE = AlertThresholds(
+    "TrainingLayerDriftExcessive", "warning", "1m",
+    "a layer's ||W - W0|| / ||W0|| > `max_drift`",
+    numbers={"max_drift": Number(0.35, "a layer this far from the base model risks forgetting what it knew")},
+)
+ANALYTICS_STALE = AlertThresholds(
+    "TrainingAnalyticsStale", "warning", "5m",
+    "last complete analysis older than `max_age_seconds` s while the run is training",
+    numbers={"max_age_seconds": Number(3600, "runs save checkpoints at least hourly; raise it if yours save "
+                                             "less often")},
+)
+
+# Every entry, in the order of the rules.
+ALERTS: tuple[AlertThresholds, ...] = tuple(v for v in list(globals().values()) if isinstance(v, AlertThresholds))
+
+
+# --------------------------------------------------------------------------- the advisor's own
+
+SHORT_RUN_WINDOW_FRACTION = Setting(
+    0.5, "advisor",
+    "a run shorter than two plateau windows is judged over its last half, so that short runs get a verdict too",
+)
+ETA_RATE_WINDOW_SECONDS = Setting(
+    900.0, "advisor",
+    "the ETA's step rate is that of the last 15 minutes of stepping, as run:training_eta_seconds:rate15m",
+)
+
+# --------------------------------------------------------------------------- the checkpoint report's own
+
+DRIFT_PATTERN_RATIO = Setting(
+    1.5, "checkpoint report, layers dashboard",
+    "top_heavy / bottom_heavy when one end's mean drift is this many times the other's, else uniform",
+)
+
+# --------------------------------------------------------------------------- the dashboards' own
+
+LAYER_DRIFT_NOTABLE = Setting(
+    0.2, "layers dashboard",
+    "drift bars turn yellow here, on the way to TrainingLayerDriftExcessive",
+)
+GPU_WARM_CELSIUS = Setting(
+    75, "run dashboard",
+    "the GPU temperature light turns yellow here, on the way to TrainingGpuHot",
+)
+THROUGHPUT_LOW_RATIO = Setting(
+    0.9, "run dashboard",
+    "the throughput light turns yellow below this share of the baseline, on the way to TrainingThroughputDegraded",
+)
+LOSS_TREND_FALLING = Setting(
+    -0.01, "run dashboard",
+    "the loss-trend light is green below this relative change over 15 minutes (falling by more than 1%)",
+)
+LOSS_TREND_RISING = Setting(
+    0.02, "run dashboard",
+    "the loss-trend light is red above this relative change over 15 minutes (rising by more than 2%)",
+)
+EXACT_MATCH_FAIR = Setting(
+    0.6, "evaluation dashboard",
+    "exact-match bars and cells are red below this rate",
+)
+EXACT_MATCH_GOOD = Setting(
+    0.8, "evaluation dashboard",
+    "exact-match bars and cells are green from this rate (yellow between the two)",
+)
+
+# Every non-alert value by its name here.
+SETTINGS: dict[str, Setting] = {k: v for k, v in list(globals().items()) if isinstance(v, Setting)}

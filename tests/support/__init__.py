@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules: live-chain helpers, torchrun workers, tiny models, bounds, skip markers."""
