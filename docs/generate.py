@@ -43,12 +43,13 @@ def _cell(text: str) -> str:
 
 
 def thresholds_tables() -> str:
-    """Every alert's `for`, numbers and windows, then the values that are no alert's."""
+    """Every alert's `for` (and `keep_firing_for`), numbers and windows, then the values that are no alert's."""
     rows = ["| alert | severity | for | fires when | value | why |", "|---|---|---|---|---|---|"]
     for entry in thresholds.ALERTS:
         values = [(name, _value(n.value), n.why) for name, n in entry.numbers.items()]
         values += [(name, w.duration, w.why) for name, w in entry.windows.items()]
-        first = f"| [{entry.alert}](#{entry.alert.lower()}) | {entry.severity} | {entry.for_} | {_cell(entry.when)} |"
+        for_ = entry.for_ if entry.keep_firing_for == "0s" else f"{entry.for_}, keeps firing {entry.keep_firing_for}"
+        first = f"| [{entry.alert}](#{entry.alert.lower()}) | {entry.severity} | {for_} | {_cell(entry.when)} |"
         if not values:
             rows.append(f"{first} - | - |")
         for i, (name, value, why) in enumerate(values):

@@ -1,17 +1,18 @@
 """Every threshold and window the project judges a run by: the one place to read and tune them.
 
 One entry per (alert, severity) of ``prometheus/rules/*.alerts.yml`` holds its
-``for``, every number of its expr (other than the 0 and 1 of a comparison or
-a ratio) and every range, subquery step and offset, each under a name with a
-one-line why. After them come the values that are no alert's: those the
+``for`` and ``keep_firing_for``, every number of its expr (other than the 0
+and 1 of a comparison or a ratio) and every range, subquery step and offset,
+each under a name with a one-line why. After them come the values that are no alert's: those the
 advisor, the checkpoint report (``layer_drift.json`` /
 ``parameter_stability.json``, described in docs/analytics.md) and the
 dashboards use beside the alerts' own.
 
 Prometheus has no variables, so every value of an alert is also written as a
 literal in its rule's expr. tests/test_rules.py checks that the two agree:
-the rule's ``for`` equals the entry's, and the windows and the numbers of its
-expr are exactly the entry's, one entry per rule and no entry without one.
+the rule's ``for`` and ``keep_firing_for`` equal the entry's, and the windows
+and the numbers of its expr are exactly the entry's, one entry per rule and no
+entry without one.
 Change a value here and in the expr together, then regenerate what is built
 from it (``make docs dashboards``).
 
@@ -71,6 +72,8 @@ class AlertThresholds:
     when: str
     numbers: Mapping[str, Number] = field(default_factory=dict)
     windows: Mapping[str, Window] = field(default_factory=dict)
+    # How long it keeps firing after its condition stops holding ("0s": resolves at once).
+    keep_firing_for: str = "0s"
 
     def value(self, name: str) -> float:
         return self.numbers[name].value
@@ -84,6 +87,10 @@ class AlertThresholds:
     @property
     def for_seconds(self) -> float:
         return duration_seconds(self.for_)
+
+    @property
+    def keep_firing_for_seconds(self) -> float:
+        return duration_seconds(self.keep_firing_for)
 
 
 @dataclass(frozen=True)
@@ -120,17 +127,51 @@ LOSS_SPIKE = AlertThresholds(
         "baseline": Window("5m", "the finite sampled losses the last one is compared with"),
     },
 )
+# The loss trend statistic of TrainingLossPlateau, TrainingLossDiverging and TrainingOverfitting (and the
+# advisor's verdict): m = the mean step loss over `average` from the training_step_loss histogram, its
+# least-squares slope b and mean L over the window (subquery step `resolution`), N = steps in the window,
+# se_b = sqrt(training_loss_variance) * sqrt(`steps_factor` / N) / `window_seconds`, the relative change per
+# `per_seconds` c = b * per_seconds / L and its standard error se_c = se_b * per_seconds / L.
 LOSS_PLATEAU = AlertThresholds(
     "TrainingLossPlateau", "info", "15m",
-    "the loss EMA (mean over `average`) improved < `min_improvement` against `window` earlier, "
-    "with >= `min_steps` steps in between",
+    "the mean step loss (over `average`) improved by less than `min_improvement` per `per_seconds` s over "
+    "`window`, at `z` standard errors (-c + z se_c), with >= `min_steps` steps in the window and the window "
+    "covered (the histogram existed `window` ago)",
     numbers={
-        "min_improvement": Number(0.01, "relative improvement of the EMA below which the loss is flat"),
+        "min_improvement": Number(0.01, "relative improvement per `per_seconds` below which the loss is flat"),
+        "z": Number(2, "standard errors on the improvement's bound: flat with about 97.7% confidence"),
+        "steps_factor": Number(12, "Var(b) = 12 sigma^2 / (N W^2) for a least-squares slope over N equally "
+                                   "spaced independent steps"),
+        "window_seconds": Number(3600, "`window` in seconds, the W of the slope's standard error"),
+        "per_seconds": Number(1800, "the change is stated per 30 minutes"),
+        "min_steps": Number(100, "steps the window must hold, so that a slow or paused run is not judged"),
+    },
+    windows={
+        "window": Window("1h", "the span of the slope: long enough that 7% step noise bounds it within 0.2% "
+                               "per 30 minutes at 1 step/s; also the offset that requires it covered (se_b "
+                               "assumes the N steps spread over all of it)"),
+        "average": Window("5m", "m is the mean of every finite step loss over this (the histogram's rate)"),
+        "resolution": Window("1m", "step of the subqueries of m"),
+    },
+    keep_firing_for="15m",
+)
+LOSS_DIVERGING = AlertThresholds(
+    "TrainingLossDiverging", "warning", "10m",
+    "the mean step loss (over `average`) rose by more than `min_rise` per `per_seconds` s over `window`, "
+    "at `z` standard errors (c - z se_c), with >= `min_steps` steps in the window and the window covered",
+    numbers={
+        "min_rise": Number(0.05, "a rise of 5% per 30 minutes is no noise and no plateau: the run diverges"),
+        "z": Number(2, "standard errors on the rise's bound: rising with about 97.7% confidence"),
+        "steps_factor": Number(12, "as for TrainingLossPlateau"),
+        "window_seconds": Number(1800, "`window` in seconds, the W of the slope's standard error"),
+        "per_seconds": Number(1800, "the change is stated per 30 minutes"),
         "min_steps": Number(50, "steps the window must hold, so that a slow or paused run is not judged"),
     },
     windows={
-        "window": Window("30m", "how far back the EMA is compared"),
-        "average": Window("10m", "each end of the window is averaged over a third of it, against the EMA's noise"),
+        "window": Window("30m", "the span of the slope: short enough to catch a divergence within the hour; "
+                                "also the offset that requires it covered"),
+        "average": Window("5m", "as for TrainingLossPlateau"),
+        "resolution": Window("1m", "as for TrainingLossPlateau"),
     },
 )
 STALLED = AlertThresholds(
@@ -208,17 +249,28 @@ POOR_CALIBRATION = AlertThresholds(
 )
 OVERFITTING = AlertThresholds(
     "TrainingOverfitting", "warning", "15m",
-    "last finite eval loss (within `last_eval`) > `eval_ratio` x its best over `history`, while the EMA "
-    "(mean over `average`) is below `train_ratio` x its value `last_eval` earlier",
+    "last finite eval loss (within `last_eval`) > `eval_ratio` x its best over `history`, while the mean step "
+    "loss (over `average`) fell over `window` by more than `z` standard errors (b + z se_b < 0), the window "
+    "covered, and did not rise significantly over `recent`",
     numbers={
         "eval_ratio": Number(1.05, "the eval loss is 5% above its best: more than evaluation noise"),
-        "train_ratio": Number(0.99, "the training loss still fell by more than 1%: the model memorises"),
+        "z": Number(2, "standard errors on the fall's bound: the training loss still falls with about 97.7% "
+                       "confidence, so the model memorises (a rising training loss is never overfitting)"),
+        "steps_factor": Number(12, "as for TrainingLossPlateau"),
+        "window_seconds": Number(3600, "`window` in seconds, the W of the slope's standard error"),
+        "recent_seconds": Number(1800, "`recent` in seconds, the W of the recent slope's standard error"),
     },
     windows={
         "last_eval": Window("1h", "the last finite eval loss within this window (a NaN evaluation neither fires "
-                                  "nor resets the `for`), and how far back the EMA is compared"),
+                                  "nor resets the `for`)"),
+        "window": Window("1h", "the span of the training loss's slope and the offset that requires it covered, "
+                               "as TrainingLossPlateau's"),
+        "recent": Window("30m", "the training loss must not rise significantly over this (TrainingLossDiverging's "
+                                "window): a loss that turned upwards within the hour can still have a falling 1h "
+                                "slope"),
         "history": Window("7d", "the best eval loss of the run, over any run length"),
-        "average": Window("15m", "each end of the EMA comparison is averaged over this"),
+        "average": Window("5m", "as for TrainingLossPlateau"),
+        "resolution": Window("1m", "as for TrainingLossPlateau"),
     },
 )
 EXACT_MATCH_DROP = AlertThresholds(
@@ -252,18 +304,20 @@ THROUGHPUT_DEGRADED = AlertThresholds(
 EXPORTER_DOWN = AlertThresholds(
     "TrainingExporterDown", "critical", "2m",
     "up == 0 for a target up within `memory`, unless its newest run was last seen completed or terminated, "
-    "or < `near_end_seconds` s from max_steps",
+    "or < `near_end_seconds` s from max_steps, or (a training target) the run is live on, or was started later "
+    "on, another target",
     numbers={"near_end_seconds": Number(60, "a run this close to max_steps when last seen counts as completed "
                                             "(its final state may not have been scraped)")},
-    windows={"memory": Window("1d", "how long a target's last up, its newest run and that run's state are "
-                                    "remembered")},
+    windows={"memory": Window("1d", "how long a target's last up, its newest run and that run's state and "
+                                    "start time are remembered")},
 )
 EXPORTER_ABSENT = AlertThresholds(
     "TrainingExporterAbsent", "warning", "2m",
     "a run's series seen within `memory` are gone while its target is not down, unless it was last seen "
-    "completed or terminated, or < `near_end_seconds` s from max_steps",
+    "completed or terminated, or < `near_end_seconds` s from max_steps, or the run is live on, or was started "
+    "later on, another target",
     numbers={"near_end_seconds": Number(60, "as for TrainingExporterDown")},
-    windows={"memory": Window("1h", "how long a vanished run's series and state are remembered")},
+    windows={"memory": Window("1h", "how long a vanished run's series, state and start time are remembered")},
 )
 
 # --------------------------------------------------------------------------- hardware (hardware.alerts.yml)

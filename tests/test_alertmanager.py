@@ -63,7 +63,7 @@ def test_check_config_is_clean() -> None:
     result = _amtool("check-config", str(ALERTMANAGER_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
-    assert "2 inhibit rules" in result.stdout
+    assert "3 inhibit rules" in result.stdout
 
 
 def test_secrets_come_from_files_only() -> None:
@@ -118,6 +118,7 @@ ROUTES = [
     ({"alertname": "TrainingLossSpike", "severity": "warning", "component": "loss", "run_id": "r1"}, SLACK),
     ({"alertname": "TrainingStalled", "severity": "warning", "run_id": "r2"}, SLACK),
     ({"alertname": "TrainingLossPlateau", "severity": "info", "component": "loss", "run_id": "r1"}, DIGEST),
+    ({"alertname": "TrainingLossDiverging", "severity": "warning", "component": "training", "run_id": "r1"}, SLACK),
     # Without a known severity an alert still reaches people.
     ({"alertname": "TrainingSomethingNew", "run_id": "r1"}, SLACK),
     ({"alertname": "TrainingSomethingNew", "severity": "page", "run_id": "r1"}, SLACK),
@@ -186,12 +187,15 @@ def test_inhibition_and_messages(tmp_path: Path) -> None:
             # A NaN alert inhibits its run's spike whatever severity it is given.
             _alert("TrainingLossNonFinite", "warning", "r3"),
             _alert("TrainingLossSpike", "warning", "r3"),
+            # A diverging run's plateau (a rising loss improves by less than 1%) is inhibited.
+            _alert("TrainingLossDiverging", "warning", "r4"),
+            _alert("TrainingLossPlateau", "info", "r4"),
         ]
         requests.post(f"{url}/api/v2/alerts", json=alerts, timeout=5).raise_for_status()
 
         def settled() -> bool:
             return bool(
-                len(slack.find(status="FIRING")) >= 3 and len(smtp.snapshot()) >= 2
+                len(slack.find(status="FIRING")) >= 4 and len(smtp.snapshot()) >= 2
                 and len(alertmanager_alerts(url)) == len(alerts)
             )
 
@@ -211,13 +215,14 @@ def test_inhibition_and_messages(tmp_path: Path) -> None:
     inhibited = {key for key, (state, by) in states.items() if by}
     assert inhibited == {
         ("TrainingLossSpike", "r1"), ("TrainingLossPlateau", "r1"), ("TrainingGradientExploding", "r1"),
-        ("TrainingLossSpike", "r3"),
+        ("TrainingLossSpike", "r3"), ("TrainingLossPlateau", "r4"),
     }, states
     assert all(states[key][0] == "suppressed" for key in inhibited)
 
     posts = slack.snapshot()
     assert sorted((p.alertname, p.run_id) for p in posts) == [
-        ("TrainingLossNonFinite", "r1"), ("TrainingLossNonFinite", "r3"), ("TrainingLossSpike", "r2"),
+        ("TrainingLossDiverging", "r4"), ("TrainingLossNonFinite", "r1"), ("TrainingLossNonFinite", "r3"),
+        ("TrainingLossSpike", "r2"),
     ], [p.title for p in posts]
     mails = smtp.snapshot()
     assert sorted((m.run_id, m.rcpt_tos) for m in mails) == [

@@ -140,11 +140,14 @@ def literals(expr: str) -> tuple[set[str], set[float]]:
 
 
 def threshold_mismatches(rule: dict[str, Any], entry: thresholds.AlertThresholds) -> list[str]:
-    """How an alerting rule differs from its thresholds entry: `for`, the windows and the numbers of its expr
-    (other than 0 and 1) against the entry's (empty when they agree)."""
+    """How an alerting rule differs from its thresholds entry: `for`, `keep_firing_for`, the windows and the
+    numbers of its expr (other than 0 and 1) against the entry's (empty when they agree)."""
     problems = []
     if entry.for_ != rule.get("for", "0s"):
         problems.append(f"for: {entry.for_} in the entry, {rule.get('for', '0s')} in the rule")
+    if entry.keep_firing_for != rule.get("keep_firing_for", "0s"):
+        problems.append(f"keep_firing_for: {entry.keep_firing_for} in the entry, "
+                        f"{rule.get('keep_firing_for', '0s')} in the rule")
     durations, numbers = literals(rule["expr"])
     table_durations = {w.duration for w in entry.windows.values()}
     table_numbers = {float(n.value) for n in entry.numbers.values()}
@@ -355,6 +358,8 @@ def test_threshold_checker_catches_a_mismatch() -> None:
     assert threshold_mismatches({**rule, "expr": "min_over_time(training_grad_norm[2m]) > 120"}, entry)
     assert threshold_mismatches({**rule, "expr": "min_over_time(training_grad_norm[2m]) > 100 < 1e3"}, entry)
     assert threshold_mismatches({**rule, "for": "10m"}, entry)
+    assert threshold_mismatches({**rule, "keep_firing_for": "5m"}, entry)
+    assert threshold_mismatches(rule, dataclasses.replace(entry, keep_firing_for="5m"))
     assert threshold_mismatches(rule, dataclasses.replace(entry, windows={}))
 
 

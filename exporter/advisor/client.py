@@ -18,7 +18,19 @@ from typing import Any
 
 import requests
 
-from exporter.advisor.analysis import Alert, Report, RunData, Series, Waiting, analyse
+from exporter.advisor.analysis import (
+    PLATEAU_WINDOW_SECONDS,
+    TREND_MEAN_WINDOW,
+    TREND_RESOLUTION_SECONDS,
+    Alert,
+    Report,
+    RunData,
+    Sample,
+    Series,
+    Waiting,
+    analyse,
+    trend_window,
+)
 
 # Points per range query at most (Prometheus refuses more than 11,000): a day
 # of run is read at ~30 s resolution, a week at ~3.5 min. Evaluations and
@@ -126,6 +138,41 @@ def pick_run(runs: Mapping[str, float | None], wanted: str | None) -> str | None
     return min(runs) if runs else None
 
 
+def trend_resolution(span: float) -> float:
+    """Step of the trend series: the rules' 1m, or finer where a short run's window is short, so that its
+    window holds as many values of m as a full one (60), one second at the finest."""
+    points = PLATEAU_WINDOW_SECONDS / TREND_RESOLUTION_SECONDS
+    return float(max(1, min(TREND_RESOLUTION_SECONDS, math.floor(trend_window(0.0, span) / points))))
+
+
+def loss_mean_expr(sel: str) -> str:
+    """m: the mean of every finite step loss over TREND_MEAN_WINDOW, from the histogram, pooled over the run's
+    series; absent (not 0/0 = NaN) where no step was taken in it."""
+    w = TREND_MEAN_WINDOW
+    return (f"sum(rate(training_step_loss_sum{sel}[{w}])) / "
+            f"(sum(rate(training_step_loss_count{sel}[{w}])) > 0)")
+
+
+def cumulative(result: list[tuple[dict[str, str], Series]]) -> Series:
+    """One never-decreasing count from the run's counters (one per target, rank or restart): each adds its
+    first value and then each rise, a drop being a restart from 0, and keeps its total once it is gone."""
+    increments: dict[float, float] = {}
+    for _, values in result:
+        previous = None
+        for t, v in values:
+            if not math.isfinite(v):
+                continue
+            grew = v if previous is None or v < previous else v - previous
+            increments[t] = increments.get(t, 0.0) + grew
+            previous = v
+    out: list[Sample] = []
+    total = 0.0
+    for t in sorted(increments):
+        total += increments[t]
+        out.append((t, total))
+    return out
+
+
 def _alert(raw: Mapping[str, Any]) -> Alert:
     labels = raw.get("labels", {}) or {}
     notes = raw.get("annotations", {}) or {}
@@ -159,6 +206,17 @@ def fetch_run(
         result = prom.query_range(expr, begin, now, resolution)
         return result[0][1] if result else []
 
+    # The trend statistic's inputs, at the rules' subquery step (aligned as a subquery's), over the last
+    # MAX_POINTS steps.
+    trend_step = trend_resolution(now - first_start[0][1])
+    trend_begin = math.floor(max(begin, now - MAX_POINTS * trend_step) / trend_step) * trend_step
+
+    def trend(expr: str) -> list[tuple[dict[str, str], Series]]:
+        return prom.query_range(expr, trend_begin, now, trend_step)
+
+    def one(result: list[tuple[dict[str, str], Series]]) -> Series:
+        return result[0][1] if result else []
+
     latest_start = prom.query(f"max(last_over_time(training_start_time_seconds{sel}[{lookback}]))", now)
     # The state set to 1 at the newest sample; ranks that disagree: the most telling one.
     state, newest = None, -math.inf
@@ -177,8 +235,14 @@ def fetch_run(
         max_steps=series(f"max(training_max_steps{sel})"),
         loss=series(f"avg(training_loss{sel})"),
         loss_ema=series(f"avg(training_loss_ema{sel})"),
+        loss_mean=one(trend(loss_mean_expr(sel))),
+        loss_variance=one(trend(f"avg(training_loss_variance{sel})")),
+        loss_count=cumulative(trend(f"training_step_loss_count{sel}")),
+        grad_norm=one(trend(f"avg(training_grad_norm{sel})")),
         eval_loss=series(f"avg(training_eval_loss{sel})"),
         eval_step=series(f"max(training_eval_step{sel})"),
+        eval_best_loss=series(f"avg(training_eval_best_loss{sel})"),
+        eval_best_step=series(f"max(training_eval_best_step{sel})"),
         checkpoint_step=series(f"max(training_checkpoint_step{sel})"),
         nonfinite_losses=series(f"sum(training_nonfinite_loss_total{sel})"),
         alerts=alerts,

@@ -15,13 +15,17 @@ import time
 from typing import Any
 
 from exporter.advisor.analysis import (
+    DIVERGE_MIN_RISE,
+    DIVERGE_Z,
     OVERFIT_EVAL_RATIO,
     PLATEAU_MIN_IMPROVEMENT,
+    PLATEAU_Z,
     Alert,
     EvalPoint,
     Report,
     Waiting,
     human_duration,
+    per_text,
 )
 
 SCHEMA_VERSION = 1
@@ -90,12 +94,28 @@ def to_dict(result: Report | Waiting, prometheus: str) -> dict[str, Any]:
             "nonfinite_steps": loss.nonfinite_steps,
             "nonfinite_after_step": loss.nonfinite_after_step,
             "nonfinite_by_step": loss.nonfinite_by_step,
+            "rate": _num(loss.rate),
+            "rate_se": _num(loss.rate_se),
+            "rate_seconds": _num(loss.rate_seconds),
+            "level": _num(loss.level),
+            "plateau_bound": _num(loss.plateau_bound),
+            "plateau_at": _num(loss.plateau_at),
+            "falling": loss.falling,
+            "diverging": loss.diverging,
+            "rise_rate": _num(loss.rise_rate),
+            "rise_rate_se": _num(loss.rise_rate_se),
+            "rise_rate_seconds": _num(loss.rise_rate_seconds),
+            "rise_window_seconds": _num(loss.rise_window_seconds),
+            "rise_window_steps": loss.rise_window_steps,
+            "rise_began_step": loss.rise_began_step,
+            "grad_norm_ratio": _num(loss.grad_norm_ratio),
         },
         "evaluation": {
             "count": len(ev.points),
             "best": _point(ev.best),
             "last": _point(ev.last),
             "best_checkpoint": None if ev.best_checkpoint is None else f"checkpoint-{ev.best_checkpoint}",
+            "best_checkpoint_eval": _point(ev.best_checkpoint_eval),
             "change_from_best": _num(ev.change_from_best),
             "train_change_since_best": _num(ev.train_change_since_best),
             "overfitting": ev.overfitting,
@@ -132,6 +152,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:+.1%}"
 
 
+def _se(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
 def _row(label: str, text: str) -> list[str]:
     return textwrap.wrap(text, WIDTH, initial_indent=f"{label:<13}", subsequent_indent=" " * 13) or [label]
 
@@ -146,15 +170,29 @@ def to_text(result: Report | Waiting) -> str:
     lines += _row("run", f"{result.run_id}  state {p.state}  step {p.step}/{p.max_steps or '-'} ({done})  "
                          f"ETA {human_duration(p.eta_seconds)}  {rate}  elapsed {human_duration(p.elapsed_seconds)}")
     window = human_duration(loss.window_seconds)
-    trend = loss.trend if loss.relative_change is None else (
-        f"{loss.trend} ({_pct(loss.relative_change)} over the last {window}, {loss.window_steps} steps)")
+    per = per_text(loss.rate_seconds)
+    trend = loss.trend if loss.rate is None else (
+        f"{loss.trend} ({_pct(loss.rate)} ± {_se(loss.rate_se)} per {per} over the last {window}, "
+        f"{loss.window_steps} steps)")
     lines += _row("loss", f"last {_f(loss.last)}  EMA {_f(loss.ema)}  trend {trend}")
     if loss.trend == "unknown":
         plateau = "too early to tell"
+    elif loss.plateau:
+        ago = "" if loss.plateau_at is None or loss.plateau_at >= p.last_step_time else (
+            f" {human_duration(p.last_step_time - loss.plateau_at)} ago")
+        plateau = (f"yes: improves by at most {loss.plateau_bound or 0.0:.1%} per {per} ({PLATEAU_Z:g} standard "
+                   f"errors){ago}, less than {PLATEAU_MIN_IMPROVEMENT:.0%}")
     else:
-        plateau = (f"yes: improved less than {PLATEAU_MIN_IMPROVEMENT:.0%} over the last {window}" if loss.plateau
-                   else "no")
+        plateau = "no"
     lines += _row("plateau", plateau)
+    if loss.diverging:
+        rise_per = per_text(loss.rise_rate_seconds)
+        bound = (loss.rise_rate or 0.0) - DIVERGE_Z * (loss.rise_rate_se or 0.0)
+        grad = "" if loss.grad_norm_ratio is None else f"; gradient norm x{loss.grad_norm_ratio:.2g}"
+        began = "" if loss.rise_began_step is None else f"; lowest 5m mean from step {loss.rise_began_step}"
+        lines += _row("diverging", f"yes: rising at least {bound:+.1%} per {rise_per} ({DIVERGE_Z:g} standard "
+                                   f"errors, more than {DIVERGE_MIN_RISE:.0%}) over the last "
+                                   f"{human_duration(loss.rise_window_seconds)}{grad}{began}")
     if loss.nonfinite_steps:
         lines += _row("non-finite", f"{loss.nonfinite_steps} step(s) with a NaN/Inf loss"
                                     + (f", the first after step {loss.nonfinite_after_step}"
@@ -165,13 +203,19 @@ def to_text(result: Report | Waiting) -> str:
         lines += _row("evaluation", "no evaluation yet")
     else:
         approx = "" if ev.steps_exact else " (steps approximate: no training_eval_step series)"
-        ckpt = "" if ev.best_checkpoint is None else f", checkpoint-{ev.best_checkpoint}"
+        ckpt = ""
+        if ev.best_checkpoint is not None and ev.best_checkpoint == ev.best.step:
+            ckpt = f", checkpoint-{ev.best_checkpoint}"
+        elif ev.best_checkpoint is not None and ev.best_checkpoint_eval is not None:
+            ckpt = (f" (no checkpoint; best saved: checkpoint-{ev.best_checkpoint}, "
+                    f"{ev.best_checkpoint_eval.loss:.4g} at step {ev.best_checkpoint_eval.step})")
         lines += _row("evaluation", f"{len(ev.points)} evaluation(s); best {ev.best.loss:.4g} at step "
                                     f"{ev.best.step}{ckpt}; last {ev.last.loss:.4g} at step {ev.last.step} "
                                     f"({_pct(ev.change_from_best)} vs best){approx}")
         if ev.overfitting:
             over = (f"yes: eval loss more than {OVERFIT_EVAL_RATIO - 1:.0%} above its best while the training "
-                    f"loss EMA moved {_pct(ev.train_change_since_best)} since step {ev.best.step}")
+                    f"loss still falls significantly ({_pct(loss.rate)} per {per}; "
+                    f"{_pct(ev.train_change_since_best)} since step {ev.best.step})")
         else:
             over = "no"
         lines += _row("overfitting", over)
