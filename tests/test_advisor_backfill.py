@@ -44,7 +44,9 @@ from exporter.demo.localstack import free_port, start_prometheus, stop_all
 
 pytestmark = run_if(promtool=True, prometheus=True)
 
-SEEDS = (1, 2, 3, 4, 5)
+# Seed 13: a true plateau whose last evaluation lands 1.3% below the earlier best by noise alone (a -2.9 sigma
+# draw); one such evaluation must not read as an improving eval loss.
+SEEDS = (1, 2, 3, 4, 5, 13)
 SCRAPE_SECONDS = 30
 
 

@@ -677,12 +677,18 @@ def evaluation(data: RunData, checkpoints: Sequence[int], loss: LossTrend, end: 
 
 
 def _eval_still_improving(ev: Evaluation) -> bool:
-    """The last evaluation is the best, by at least the plateau threshold over the earlier ones."""
+    """The eval loss improved twice in a row: the last evaluation is the best, by at least the plateau
+    threshold over those before the previous one, and the previous one was below those too.
+
+    One evaluation below the earlier best is not enough: on a flat eval loss the last of many noisy
+    evaluations lands a 1% margin below their minimum now and then (a 3-sigma draw at 0.5% eval noise), and
+    the verdict would say continue on a plateau. Two in a row that far down are that unlikely squared.
+    """
     good = [p for p in ev.points if math.isfinite(p.loss)]
-    if len(good) < 2 or ev.last is None or ev.best is None or ev.last != ev.best:
+    if len(good) < 3 or ev.last is None or ev.best is None or ev.last != ev.best:
         return False
-    earlier = min(p.loss for p in good[:-1])
-    return ev.last.loss <= (1 - PLATEAU_MIN_IMPROVEMENT) * earlier
+    before = min(p.loss for p in good[:-2])
+    return good[-2].loss < before and ev.last.loss <= (1 - PLATEAU_MIN_IMPROVEMENT) * before
 
 
 def _pct(x: float | None) -> str:
