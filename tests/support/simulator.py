@@ -66,15 +66,18 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from exporter.config import ExporterConfig
+
 MINUTE = 60.0
 HOUR = 3600.0
 
 Array = npt.NDArray[np.float64]
 
-# The exporter's defaults (exporter/config.py: loss.ema_alpha, loss.variance_window, loss.window_seconds).
-EMA_ALPHA = 0.1
-VARIANCE_WINDOW = 50
-RECENT_WINDOW_SECONDS = 60.0
+# The exporter's defaults (loss.ema_alpha, loss.variance_window, loss.window_seconds), read from its config.
+_DEFAULTS = ExporterConfig()
+EMA_ALPHA = _DEFAULTS.ema_alpha
+VARIANCE_WINDOW = _DEFAULTS.variance_window
+RECENT_WINDOW_SECONDS = _DEFAULTS.loss_window_seconds
 STATES = ("idle", "training", "paused", "completed", "crashed", "terminated")
 JOB = "training"
 
