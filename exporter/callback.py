@@ -30,16 +30,25 @@ alone would wait forever for the others' shards.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from exporter.config import ExporterConfig, derive_run_id, resolve_settings
 from exporter.core import PortInUseError, TrainingMonitor
 from exporter.evaluation import Contract, EvalExample, load_eval_set
+from exporter.phases import mark_batches
 
 log = logging.getLogger("training_exporter")
+
+
+def _after_log(control: TrainerControl) -> str:
+    """The step phase after a step's logging: the evaluation or save the Trainer runs next, else the data."""
+    return "evaluation" if control.should_evaluate else "checkpointing" if control.should_save else "data_loading"
+
 
 
 class PrometheusCallback(TrainerCallback):
@@ -174,6 +183,8 @@ class PrometheusCallback(TrainerCallback):
         self._guard("http_server", lambda m: m.start())
         # With average_tokens_across_devices the model divides by every rank's token count.
         mon.items_are_local = not (args.average_tokens_across_devices and args.world_size > 1)
+        # The autocast dtype the matmuls run in under the Trainer's mixed precision (the peak FLOP/s's key).
+        mon.autocast_dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else None
         if model is not None:
             self._guard("hook", lambda m: m.describe_model(model))
             self._guard("hook", lambda m: m.watch(model))
@@ -185,7 +196,15 @@ class PrometheusCallback(TrainerCallback):
             else:
                 tokenizer = self._tokenizer if self._tokenizer is not None else kw.get("processing_class")
                 self._guard("eval", lambda m: m.set_evaluation(eval_set, tokenizer, contract=self._eval_contract))
+        if (loader := kw.get("train_dataloader")) is not None and mon.config.phases:
+            # Fetching a batch is data loading; the cross-rank gather that follows it is not (exporter/phases.py).
+            self._guard("phases", lambda m: mark_batches(loader, m.mark_phase))
+        # fp16: accelerate's optimizer holds the GradScaler (None on the CPU and under bf16 / fp32).
+        if (scaler := getattr(kw.get("optimizer"), "scaler", None)) is not None:
+            self._guard("amp", lambda m: m.watch_scaler(scaler))
         self._guard("step", lambda m: m.begin(state.max_steps, state.global_step))
+        if args.eval_on_start:
+            self._guard("phases", lambda m: m.mark_phase("evaluation"))
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._guard("step", lambda m: m.step_begin())
@@ -200,10 +219,17 @@ class PrometheusCallback(TrainerCallback):
     ) -> None:
         self._guard("update_ratio", lambda m: m.after_optimizer_step())
 
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        # The next micro-batch's preparation, up to its forward (all were fetched before on_step_begin).
+        self._guard("phases", lambda m: m.mark_phase("other"))
+
+
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None, **kw: Any
     ) -> None:
-        self._guard("step", lambda m: m.step_end(state.global_step, state.epoch))
+        # DefaultFlowCallback ran first: control says whether the Trainer logs, evaluates or saves next.
+        phase = "other" if control.should_log else _after_log(control)
+        self._guard("step", lambda m: m.step_end(state.global_step, state.epoch, next_phase=phase))
         if model is not None:
             self._guard("eval", lambda m: m.maybe_evaluate(model, state.global_step))
 
@@ -217,6 +243,10 @@ class PrometheusCallback(TrainerCallback):
     ) -> None:
         if logs and isinstance(grad_norm := logs.get("grad_norm"), (int, float)):
             self._guard("step", lambda m: m.observe_grad_norm(grad_norm))
+        mon = self.monitor
+        if mon is not None and mon.phase_timer.current == "other":
+            # The step's logging is done (its loss gather and .item()); an evaluation's log changes nothing.
+            self._guard("phases", lambda m: m.mark_phase(_after_log(control)))
         self._guard("flush", lambda m: m.flush())
 
     def on_evaluate(
@@ -232,9 +262,20 @@ class PrometheusCallback(TrainerCallback):
             self._guard("evaluation", lambda m: m.observe_evaluation(metrics, state.global_step))
         if model is not None:
             self._guard("eval", lambda m: m.maybe_evaluate(model, state.global_step, force=True))
+        # The save that follows the evaluation, if any (the handler cleared should_evaluate).
+        self._guard("phases", lambda m: m.mark_phase("checkpointing" if control.should_save else "data_loading"))
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        # An epoch-strategy log, evaluation or save follows (DefaultFlowCallback's on_epoch_end ran first).
+        if control.should_log or control.should_evaluate or control.should_save:
+            phase = "other" if control.should_log else _after_log(control)
+            self._guard("phases", lambda m: m.mark_phase(phase))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self._guard("step", lambda m: m.observe_checkpoint(state.global_step))
+        path = os.path.join(args.output_dir or ".", f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+        self._guard("step", lambda m: m.observe_checkpoint(state.global_step, path))
+
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._guard("step", lambda m: m.end("completed"))

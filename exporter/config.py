@@ -43,6 +43,7 @@ LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 RESERVED_LABELS = {
     "run_id", "rank", "layer", "module", "state", "collector", "gpu", "UUID", "name", "le",
     "regime", "source", "domain", "outcome", "pattern", "length_bucket", "window", "feature",
+    "phase", "reason", "type",
 }
 
 
@@ -135,6 +136,17 @@ class ExporterConfig:
         drift_max_length: length at which a sequence counts as truncated; 0 when its last
             token is not end-of-sequence [``drift.max_length``]. Defaults to ``0``.
 
+        cuda, flops, phases, amp, watchdog: the systems collectors: CUDA caching-allocator
+            memory at scrape time, model and hardware FLOPs, the step-phase breakdown, the
+            GradScaler's loss scale, and the hang watchdog thread [``collectors.cuda``, ...].
+            All default to ``True``.
+        peak_flops: peak FLOP/s of one device for MFU; 0 looks the device and dtype up in the
+            built-in table [``mfu.peak_flops_per_second``]. Defaults to ``0.0``.
+        watchdog_multiple: a hang is suspected after this many recent median step times
+            without a step [``watchdog.multiple``]. Defaults to ``10.0``.
+        watchdog_floor_seconds: but never sooner than this [``watchdog.floor_seconds``].
+            Defaults to ``120.0``.
+
     Raises:
         ConfigError: from :meth:`from_kwargs`, :meth:`replace` and :meth:`validate`, listing
             every problem at once: a keyword that is no field; a listen address that is not
@@ -206,6 +218,14 @@ class ExporterConfig:
     drift_reference_batches: int = 100
     drift_top_k: int = 100
     drift_max_length: int = 0
+    cuda: bool = True
+    flops: bool = True
+    phases: bool = True
+    amp: bool = True
+    watchdog: bool = True
+    peak_flops: float = 0.0
+    watchdog_multiple: float = 10.0
+    watchdog_floor_seconds: float = 120.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -297,6 +317,12 @@ def _check_linger(v: Any) -> str | None:
 def _check_window(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         return f"must be a number of seconds > 0, got {v!r}"
+    return None
+
+
+def _check_multiple(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 1:
+        return f"must be a number > 1, got {v!r}"
     return None
 
 
@@ -473,6 +499,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("drift_max_length", "drift.max_length",
            "Length at which a sequence counts as truncated (0: when its last token is not end-of-sequence).",
            _non_negative_int, "int"),
+    Option("cuda", "collectors.cuda",
+           "CUDA caching-allocator memory (torch.cuda.memory_stats) at scrape time, once the process has "
+           "initialised CUDA.", _check_bool, "bool"),
+    Option("flops", "collectors.flops",
+           "Model and hardware FLOPs of the training steps, counted from the model's shapes (MFU with a peak).",
+           _check_bool, "bool"),
+    Option("phases", "collectors.phases",
+           "Seconds per step phase: data loading, forward, backward, optimizer, evaluation, checkpointing.",
+           _check_bool, "bool"),
+    Option("amp", "collectors.amp",
+           "Loss scale and skipped steps of the fp16 GradScaler.", _check_bool, "bool"),
+    Option("watchdog", "collectors.watchdog",
+           "Hang watchdog thread: flags a step that takes far longer than usual and dumps every thread's "
+           "stack to the output dir once.", _check_bool, "bool"),
+    Option("peak_flops", "mfu.peak_flops_per_second",
+           "Peak FLOP/s of one device for MFU (0: look the device name and training dtype up in the table).",
+           _check_linger, "float"),
+    Option("watchdog_multiple", "watchdog.multiple",
+           "Suspect a hang after this many recent median step times without a step.", _check_multiple, "float"),
+    Option("watchdog_floor_seconds", "watchdog.floor_seconds",
+           "Never suspect a hang sooner than this many seconds without a step.", _check_window, "float"),
 )
 _BY_YAML = {o.yaml: o for o in OPTIONS}
 

@@ -44,6 +44,7 @@ they name, as for the callback; the fixed evaluation is optional, see
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -63,12 +64,16 @@ from prometheus_client.registry import Collector
 
 from exporter import lifecycle, stats
 from exporter import metrics as m
+from exporter.amp import ScalerWatch
 from exporter.config import ExporterConfig
 from exporter.drift import DriftProfiler, padding_free_real
 from exporter.errors import ErrorTracker
 from exporter.evaluation import Contract, EvalExport, FixedEvaluator
+from exporter.flops import FlopMeter, backbone_of, device_peak, output_embedding
 from exporter.layers import ParamGroups
+from exporter.phases import CheckpointLog, PhaseTimer, checkpoint_duration
 from exporter.version import __version__
+from exporter.watchdog import HangWatchdog
 
 log = logging.getLogger("training_exporter")
 
@@ -235,6 +240,7 @@ class TrainingMonitor:
 
         self._groups: ParamGroups | None = None
         self._hook: Any = None
+        self._pre_hook: Any = None
         # A fused LM head returns no logits: the backbone's last hidden state of a sampled forward pass.
         self._backbone_hook: Any = None
         self._hidden: torch.Tensor | None = None
@@ -257,9 +263,37 @@ class TrainingMonitor:
         self._set_state("idle")
         self._httpd: Any = None
         self._gpu: Any = None
+        self._cuda: Any = None
+        # CUDA indices of the watched model's parameters: the scrape thread cannot ask for the current device.
+        self.cuda_devices: frozenset[int] = frozenset()
         self._host: Any = None
         self._ended = False
         self._atexit_registered = False
+        # (perf_counter(), step) of the last step_end, one tuple store: all the hang watchdog reads of the
+        # training thread (exporter/watchdog.py).
+        self.step_progress: tuple[float, int] | None = None
+        self.amp: ScalerWatch | None = None  # see watch_scaler
+        # Model / hardware FLOPs of the watched model (exporter/flops.py); the Trainer's bf16 / fp16 autocast
+        # dtype, set by the callback before watch(), picks the peak FLOP/s.
+        self.flops: FlopMeter | None = None
+        self.autocast_dtype: str | None = None
+        if self.config.flops:
+            self.errors.touch("flops")
+            self.child(m.MODEL_FLOPS)
+            self.child(m.HARDWARE_FLOPS)
+        # Step phases (exporter/phases.py): always kept (the watchdog reads phase_timer.current), exported
+        # with collectors.phases.
+        self.phase_timer = PhaseTimer(enabled=self.config.phases)
+        self.checkpoints = CheckpointLog()
+        if self.config.phases:
+            self.errors.touch("phases")
+            for phase in m.PHASES:
+                self.child(m.PHASE_SECONDS, phase)
+        self.child(m.CHECKPOINTS)
+        self.watchdog: HangWatchdog | None = None
+        if self.config.watchdog:
+            self.errors.touch("watchdog")
+            self.watchdog = HangWatchdog(self, self.config.watchdog_multiple, self.config.watchdog_floor_seconds)
 
     # ------------------------------------------------------------------ setup
 
@@ -287,6 +321,8 @@ class TrainingMonitor:
         parts: list[tuple[str, Callable[[], Iterable[Metric]]]] = [("flush", flush)]
         if self.config.gpu:
             parts.append(("gpu", lambda: self._gpu.collect() if self._gpu is not None else ()))
+        if self.config.cuda:  # after "gpu", whose UUID -> NVML index map it labels with
+            parts.append(("cuda", lambda: self._cuda.collect() if self._cuda is not None else ()))
         if self.config.host:
             parts.append(("host", lambda: self._host.collect() if self._host is not None else ()))
         parts.append(("eval", lambda: self.eval_export.collect()))
@@ -300,6 +336,15 @@ class TrainingMonitor:
                 from exporter.collectors.gpu import GpuCollector
 
                 self._gpu = GpuCollector(self.const_labels, self.errors)
+        if self.config.cuda and self._cuda is None:
+            self.errors.touch("cuda")
+            with self.errors.guard("cuda"):
+                from exporter.collectors.cuda import CudaCollector
+
+                self._cuda = CudaCollector(
+                    self.const_labels, self.errors, devices=lambda: self.cuda_devices,
+                    nvml_index=lambda uuid: self._gpu.index_of(uuid) if self._gpu is not None else None,
+                )
         if self.config.host and self._host is None:
             with self.errors.guard("host"):
                 from exporter.collectors.host import HostCollector
@@ -347,6 +392,9 @@ class TrainingMonitor:
         if self._gpu is not None:
             with self.errors.guard("gpu"):
                 self._gpu.close()
+        if self.watchdog is not None:
+            with self.errors.guard("watchdog"):
+                self.watchdog.stop()
 
     def set_info(self, model: str = "", model_type: str = "", adapter: str = "none") -> None:
         import importlib.metadata as md
@@ -375,23 +423,63 @@ class TrainingMonitor:
             if self._hook is not None:
                 self._hook.remove()
             self._groups = ParamGroups.from_named(model.named_parameters())
+            self.cuda_devices = frozenset(
+                p.device.index for p in model.parameters() if p.device.type == "cuda" and p.device.index is not None)
             self.child(m.TRAINABLE_GROUPS).set(len(self._groups))
             self._hook = model.register_forward_hook(self._forward_hook, with_kwargs=True)
-            backbone = _backbone(model)
+            if self._pre_hook is not None:
+                self._pre_hook.remove()
+            self._pre_hook = model.register_forward_pre_hook(self._forward_pre_hook)
+            cuda = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+            self.phase_timer.use_device(cuda)
+            backbone = backbone_of(model)
             if backbone is not None and self.config.predictions:
                 self._backbone_hook = backbone.register_forward_hook(self._backbone_forward_hook)
         if self.drift is not None:
             with self.errors.guard("drift"):
                 self.drift.attach(model)
+        if self.config.flops:
+            with self.errors.guard("flops"):
+                self._watch_flops(model)
+
+    def _watch_flops(self, model: torch.nn.Module) -> None:
+        if self.flops is not None:
+            self.flops.close()
+            model_flops, hardware_flops = self.flops.take()  # the previous model's, not yet exported
+            self.child(m.MODEL_FLOPS).inc(model_flops)
+            self.child(m.HARDWARE_FLOPS).inc(hardware_flops)
+        self.flops = FlopMeter(model, on_error=lambda exc: self.errors.record("flops", exc))
+        cfg_peak = self.config.peak_flops
+        peak = cfg_peak if cfg_peak > 0 else device_peak(model, self.autocast_dtype)
+        if peak:
+            self.child(m.PEAK_FLOPS).set(peak)
 
     def unwatch(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
         if self._backbone_hook is not None:
             self._backbone_hook.remove()
             self._backbone_hook = None
         self._hidden = None
+        if self.flops is not None:
+            self.flops.close()  # only the first step's observation hooks; the counts stay
+
+    def watch_scaler(self, scaler: Any) -> None:
+        """Export the loss scale and skipped steps of an fp16 ``torch.amp.GradScaler`` (``collectors.amp``).
+
+        Call :meth:`step_end` after ``scaler.update()``: a step counts as skipped when it lowered the
+        scale, compared on the device; the scale is read at export (see :mod:`exporter.amp`).
+        """
+        if not self.config.amp or scaler is None:
+            return
+        with self.errors.guard("amp"):
+            self.errors.touch("amp")
+            self.amp = ScalerWatch(scaler)
+            self.child(m.AMP_SKIPPED_STEPS)
 
     def begin(self, max_steps: int | None = None, start_step: int = 0) -> None:
         with self.errors.guard("step"):
@@ -402,7 +490,12 @@ class TrainingMonitor:
                 self.child(m.MAX_STEPS).set(max_steps)
             self.child(m.START_TIME).set(time.time())
             self._set_state("training")
+            self.phase_timer.start("data_loading")
             self._install_crash_handlers()
+        if self.watchdog is not None:
+            self.step_progress = None  # armed again from the first step of this run
+            with self.errors.guard("watchdog"):
+                self.watchdog.start()
 
     # -------------------------------------------------------------- hot path
 
@@ -413,11 +506,23 @@ class TrainingMonitor:
             if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
                 self._hidden = hidden.detach()
 
+    def _forward_pre_hook(self, module: torch.nn.Module, args: Any) -> None:
+        if module.training:
+            self.mark_phase("forward")
+
     def _forward_hook(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
         if not module.training:
             return
+        try:
+            self._observe_forward(module, args, kwargs, output)
+        finally:
+            self.mark_phase("backward")
+
+    def _observe_forward(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         try:
             loss = _field(output, "loss", 0)
             if isinstance(loss, torch.Tensor):
@@ -432,6 +537,8 @@ class TrainingMonitor:
             positions = kwargs.get("position_ids")
             positions = positions if isinstance(positions, torch.Tensor) else None
             if isinstance(input_ids, torch.Tensor):
+                if self.flops is not None:
+                    self.flops.observe(input_ids, kwargs, output)
                 self._observe_samples(input_ids, mask, positions, kwargs.get("cu_seq_lens_q"))
                 self.observe_tokens(mask.sum() if mask is not None else input_ids.numel())
                 if self.drift is not None:
@@ -505,7 +612,7 @@ class TrainingMonitor:
         if isinstance(logits, torch.Tensor):
             self._observe_logits(logits, labels, mask)
             return
-        head = _output_embedding(module)
+        head = output_embedding(module)
         if self._hidden is None or head is None:
             self._predictions_unavailable("no_logits", "the model's output has neither logits nor a hidden state")
             return
@@ -533,7 +640,39 @@ class TrainingMonitor:
         with self._pending_lock:
             self._pending_predictions = sums
 
+    def mark_phase(self, phase: str) -> None:
+        """Close the open step phase and open ``phase`` (one of ``metrics.PHASES``; see exporter/phases.py)."""
+        try:
+            self.phase_timer.mark(phase)
+        except Exception as exc:
+            self.errors.record("phases", exc)
+
+    @contextlib.contextmanager
+    def phase(self, phase: str) -> Iterator[None]:
+        """Count the block as ``phase`` (e.g. a plain loop's own evaluation), then reopen the phase before it."""
+        before = self.phase_timer.current
+        self.mark_phase(phase)
+        try:
+            yield
+        finally:
+            self.mark_phase(before)
+
+    @contextlib.contextmanager
+    def checkpointing(self, step: int | None = None, path: str | os.PathLike[str] | None = None) -> Iterator[None]:
+        """Time the save in the block as a checkpoint of ``step`` written to the directory ``path`` (whose
+        size a worker thread measures); then reopen the phase before it."""
+        before = self.phase_timer.current
+        self.mark_phase("checkpointing")
+        try:
+            yield
+        finally:
+            self.observe_checkpoint(step, path, next_phase=before)
+
     def step_begin(self) -> None:
+        # Up to the watched model's forward: input preparation and DDP's pre-forward buffer broadcast, which
+        # waits for every rank: "other", not forward (exporter/phases.py).
+        self.mark_phase("other")
+
         try:
             self._step_started = time.perf_counter()
             n = self._step + 1
@@ -571,6 +710,7 @@ class TrainingMonitor:
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Call after backward (and clipping), before ``optimizer.step()``."""
+        self.mark_phase("optimizer")
         lr_zero = False
         if optimizer is not None:
             with self.errors.guard("step"):
@@ -610,6 +750,7 @@ class TrainingMonitor:
 
     def after_optimizer_step(self) -> None:
         """Call right after ``optimizer.step()``; completes a sampled update-ratio measurement."""
+        self.mark_phase("other")
         snap, self._snapshot = self._snapshot, None
         groups = self._groups
         if snap is None or groups is None:
@@ -625,7 +766,11 @@ class TrainingMonitor:
             with self._pending_lock:
                 self._pending_updates = ratio
 
-    def step_end(self, step: int | None = None, epoch: float | None = None) -> None:
+    def step_end(
+        self, step: int | None = None, epoch: float | None = None, *, next_phase: str = "data_loading"
+    ) -> None:
+        """An optimizer step ended; ``next_phase`` is what the loop does next (exporter/phases.py)."""
+        self.mark_phase(next_phase)
         try:
             now = time.perf_counter()
             if self._step_started is not None:
@@ -633,6 +778,12 @@ class TrainingMonitor:
                 self._step_started = None
             self._step = self._step + 1 if step is None else step
             self.child(m.STEP).set(self._step)
+            self.step_progress = (now, self._step)
+            if self.flops is not None:
+                self.flops.settle()  # the first step's backward is done: its cost is known
+            if self.amp is not None:
+                with self.errors.guard("amp"):
+                    self.amp.step_end()
             if epoch is not None:
                 self.child(m.EPOCH).set(epoch)
             self.child(m.LAST_STEP_TIME).set(time.time())
@@ -676,6 +827,11 @@ class TrainingMonitor:
                     token_count += int(torch.stack([t.reshape(()).to(tokens[0].device) for t in tokens]).sum())
                 if token_count:
                     self.child(m.TOKENS).inc(token_count)
+                if self.flops is not None:
+                    model_flops, hardware_flops = self.flops.take()
+                    if model_flops:
+                        self.child(m.MODEL_FLOPS).inc(model_flops)
+                        self.child(m.HARDWARE_FLOPS).inc(hardware_flops)
                 if sample_counts:
                     samples += int(torch.stack([t.reshape(()).to(sample_counts[0].device)
                                                 for t in sample_counts]).sum())
@@ -702,6 +858,18 @@ class TrainingMonitor:
                     self.child(m.TOP5_CONFIDENCE).set(means.top5)
             except Exception as exc:
                 self.errors.record("flush", exc)
+            if self.config.phases:
+                with self.errors.guard("phases"):
+                    for phase, seconds in self.phase_timer.take().items():
+                        if seconds > 0:
+                            self.child(m.PHASE_SECONDS, phase).inc(seconds)
+            if self.amp is not None:
+                with self.errors.guard("amp"):
+                    scale, skipped = self.amp.read()
+                    if scale is not None:
+                        self.child(m.AMP_LOSS_SCALE).set(scale)
+                    if skipped:
+                        self.child(m.AMP_SKIPPED_STEPS).inc(skipped)
 
     def _warn_nonfinite_gradients(self, losses_finite: bool) -> None:
         if self._nonfinite_grad_warned or not losses_finite:
@@ -757,10 +925,28 @@ class TrainingMonitor:
                 self.child(m.EVAL_METRIC, name).set(value)
                 names += 1
 
-    def observe_checkpoint(self, step: int | None = None) -> None:
-        """A checkpoint of ``step`` (default: the last optimizer step) was saved."""
+    def observe_checkpoint(
+        self, step: int | None = None, path: str | os.PathLike[str] | None = None, *,
+        next_phase: str = "data_loading",
+    ) -> None:
+        """A checkpoint of ``step`` (default: the last optimizer step) was saved, to the directory ``path``
+        if given (its size is measured by a worker thread); the loop goes on with ``next_phase``. Its
+        duration runs from the mark that opened ``checkpointing`` (see :meth:`checkpointing`)."""
         with self.errors.guard("step"):
             self.child(m.CHECKPOINT_STEP).set(self._step if step is None else step)
+        with self.errors.guard("phases"):
+            duration = checkpoint_duration(self.phase_timer, time.perf_counter())
+            self.mark_phase(next_phase)
+            self.child(m.CHECKPOINTS).inc()
+            self.child(m.CHECKPOINT_DURATION).set(duration)
+            self.child(m.CHECKPOINT_TIME).set(time.time())
+            interval = self.checkpoints.ended(time.monotonic())
+            if interval is not None:
+                self.child(m.CHECKPOINT_INTERVAL).set(interval)
+            if path is not None:
+                self.checkpoints.measure(
+                    os.fspath(path), lambda size: self.child(m.CHECKPOINT_SIZE).set(size),
+                    lambda exc: self.errors.record("phases", exc))
 
     def set_evaluation(
         self, eval_set: Iterable[Any], tokenizer: Any, *, contract: Contract | None = None
@@ -798,7 +984,7 @@ class TrainingMonitor:
         step = self._step if step is None else step
         if not (force or evaluator.due(step, self.config.eval_interval)):
             return False
-        with self.errors.guard("eval"):
+        with self.errors.guard("eval"), self.phase("evaluation"):
             return evaluator.run(model, step)
         return False
 
@@ -829,13 +1015,20 @@ class TrainingMonitor:
         if self._ended:
             return
         self._ended = True
+        if self.watchdog is not None:
+            with self.errors.guard("watchdog"):
+                self.watchdog.stop()
         if self.evaluator is not None:
             with self.errors.guard("eval"):
                 # The last evaluation's scores and history lines are written before the final values.
                 self.evaluator.close()
+        with self.errors.guard("phases"):
+            self.phase_timer.stop()
+            self.checkpoints.join(10.0)  # the last checkpoint's size, for the final values
         with self.errors.guard("step"):
             self.flush()
             self._set_state(state)
+
             self.unwatch()
         with self.errors.guard("http_server"):
             lifecycle.final_state_set(self)
@@ -882,23 +1075,6 @@ class TrainingMonitor:
 
     def __exit__(self, tp: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.end("crashed" if tp is not None else "completed")
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The transformer under a (peft-wrapped) causal LM, whose last hidden state a fused head projects."""
-    inner = model
-    get_base = getattr(inner, "get_base_model", None)
-    if callable(get_base):
-        inner = get_base()
-    prefix = getattr(inner, "base_model_prefix", "")
-    backbone = getattr(inner, prefix, None) if prefix else None
-    return backbone if isinstance(backbone, torch.nn.Module) and backbone is not inner else None
-
-
-def _output_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, torch.nn.Module) else None
 
 
 def _field(output: Any, name: str, index: int) -> Any:

@@ -126,6 +126,74 @@ STEP_DURATION = MetricSpec(
     buckets=STEP_DURATION_BUCKETS,
 )
 
+MODEL_FLOPS = _c(
+    "training_model_flops_total",
+    "Floating-point operations the training micro-batches needed (docs/metrics.md, FLOPs and MFU): matmuls of "
+    "forward and backward, with no weight gradients for frozen weights (LoRA), attention and padding included.",
+)
+HARDWARE_FLOPS = _c(
+    "training_hardware_flops_total",
+    "training_model_flops_total plus the forward passes recomputed under gradient checkpointing.",
+)
+PEAK_FLOPS = _g(
+    "training_peak_flops_per_second",
+    "Peak dense FLOP/s of this process's device for the training dtype (the built-in table or "
+    "mfu.peak_flops_per_second); absent when unknown, and MFU with it.",
+)
+# What the time between two hooks of a step was spent on; see exporter/phases.py.
+PHASES = ("data_loading", "forward", "backward", "optimizer", "evaluation", "checkpointing", "other")
+PHASE_SECONDS = MetricSpec(
+    name="training_phase_seconds_total",
+    kind="counter",
+    help="Time the training loop spent in each phase (data_loading, forward, backward, optimizer, evaluation, "
+         "checkpointing, other); on CUDA measured with CUDA events on the device timeline.",
+    unit="seconds",
+    labels=("phase",),
+)
+HANG_SUSPECTED = _g(
+    "training_hang_suspected",
+    "1 while no optimizer step has ended for longer than the watchdog's threshold outside evaluation and "
+    "checkpointing, else 0.",
+)
+HANG_THRESHOLD = _g(
+    "training_hang_threshold_seconds",
+    "The watchdog's current threshold: watchdog.multiple x the recent median step time, at least "
+    "watchdog.floor_seconds.",
+    unit="seconds",
+)
+HANG_DUMPS = _c(
+    "training_hang_dumps_total",
+    "Stack dumps of every Python thread the watchdog wrote to the output dir (one per suspected hang).",
+)
+CHECKPOINTS = _c("training_checkpoints_total", "Checkpoints saved.")
+CHECKPOINT_DURATION = _g(
+    "training_checkpoint_duration_seconds",
+    "Wall time the last checkpoint save held the training loop.",
+    unit="seconds",
+)
+CHECKPOINT_SIZE = _g(
+    "training_checkpoint_size_bytes",
+    "Total size of the files in the last checkpoint directory (apparent size; measured off the training thread).",
+
+    unit="bytes",
+)
+CHECKPOINT_TIME = _g(
+    "training_checkpoint_timestamp_seconds", "Unix time the last checkpoint save ended.", unit="seconds"
+)
+CHECKPOINT_INTERVAL = _g(
+    "training_checkpoint_interval_seconds",
+    "Median time between the ends of the recent checkpoint saves (from the second save on).",
+    unit="seconds",
+)
+AMP_LOSS_SCALE = _g(
+    "training_amp_loss_scale",
+    "Loss scale of the mixed-precision GradScaler (fp16) after the last step.",
+)
+AMP_SKIPPED_STEPS = _c(
+    "training_amp_skipped_steps_total",
+    "Optimizer steps the GradScaler skipped because the scaled gradients held Inf or NaN.",
+)
+
 TOKEN_ENTROPY = _g(
     "training_token_entropy_nats",
     "Mean entropy of the next-token distribution over labelled positions of a sampled batch.",
@@ -265,6 +333,116 @@ GPU_UTILIZATION = _g(
 GPU_POWER = _g("training_gpu_power_watts", "GPU power draw.", unit="watts", labels=("gpu", "UUID"), source="gpu")
 GPU_POWER_LIMIT = _g(
     "training_gpu_power_limit_watts", "GPU enforced power limit.", unit="watts", labels=("gpu", "UUID"), source="gpu"
+)
+
+GPU_SM_CLOCK = _g(
+    "training_gpu_sm_clock_hertz", "Current SM (graphics) clock.", unit="hertz", labels=("gpu", "UUID"), source="gpu"
+)
+GPU_MEMORY_CLOCK = _g(
+    "training_gpu_memory_clock_hertz", "Current memory clock.", unit="hertz", labels=("gpu", "UUID"), source="gpu"
+)
+# The reasons of NVML's clock-throttle (clocks event) bitmask that are exported, in a fixed order.
+THROTTLE_REASONS = (
+    "gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown", "sync_boost",
+    "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown", "display_clock_setting",
+)
+GPU_THROTTLE_REASON = _g(
+    "training_gpu_throttle_reason",
+    "1 while NVML reports this reason for holding the clocks below their maximum, else 0.",
+    labels=("gpu", "UUID", "reason"),
+    source="gpu",
+)
+GPU_ECC_ERRORS = _c(
+    "training_gpu_ecc_errors_total",
+    "ECC memory errors since the driver loaded (volatile count), by type (corrected, uncorrected).",
+    labels=("gpu", "UUID", "type"),
+    source="gpu",
+)
+GPU_RETIRED_PAGES_PENDING = _g(
+    "training_gpu_retired_pages_pending",
+    "1 when retired memory pages wait for a reboot or GPU reset to take effect (pre-Ampere boards).",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+GPU_REMAPPED_ROWS_PENDING = _g(
+    "training_gpu_remapped_rows_pending",
+    "1 when remapped memory rows wait for a GPU reset to take effect (Ampere and later).",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+GPU_REMAPPED_ROWS_FAILED = _g(
+    "training_gpu_remapped_rows_failed",
+    "1 when a row remapping failed: the board needs servicing.",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+GPU_PCIE_REPLAYS = _c(
+    "training_gpu_pcie_replays_total",
+    "PCIe replay events (link-level retransmissions) since the driver loaded.",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+GPU_NVLINK_ERRORS = _c(
+    "training_gpu_nvlink_errors_total",
+    "NVLink errors summed over the active links, by type (replay, recovery, crc_flit, crc_data); absent "
+    "without NVLink.",
+    labels=("gpu", "UUID", "type"),
+    source="gpu",
+)
+GPU_XID_ERRORS = _c(
+    "training_gpu_xid_errors_total",
+    "Critical XID errors the driver reported through NVML events since the exporter started.",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+GPU_LAST_XID = _g(
+    "training_gpu_last_xid",
+    "Code of the last critical XID error seen (0: none since the exporter started).",
+    labels=("gpu", "UUID"),
+    source="gpu",
+)
+
+# PyTorch's CUDA caching allocator (torch.cuda.memory_stats), read at scrape time from a
+# process that has initialised CUDA; NVML's "used" counts the whole reserve.
+CUDA_MEMORY_ALLOCATED = _g(
+    "training_cuda_memory_allocated_bytes",
+    "Memory held by live tensors (allocator allocated_bytes.all.current).",
+    unit="bytes", labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_MEMORY_RESERVED = _g(
+    "training_cuda_memory_reserved_bytes",
+    "Memory the caching allocator holds from the driver (reserved_bytes.all.current).",
+    unit="bytes", labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_MEMORY_PEAK_ALLOCATED = _g(
+    "training_cuda_memory_peak_allocated_bytes",
+    "Highest allocated memory since the process started or torch.cuda.reset_peak_memory_stats.",
+    unit="bytes", labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_MEMORY_PEAK_RESERVED = _g(
+    "training_cuda_memory_peak_reserved_bytes",
+    "Highest reserved memory since the process started or torch.cuda.reset_peak_memory_stats.",
+    unit="bytes", labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_MEMORY_RESERVED_UNALLOCATED = _g(
+    "training_cuda_memory_reserved_unallocated_bytes",
+    "Reserved memory no live tensor uses (reserved - allocated): cached blocks and fragmentation.",
+    unit="bytes", labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_MEMORY_TOTAL = _g(
+    "training_cuda_memory_total_bytes",
+    "Memory of the device as CUDA reports it (torch.cuda.get_device_properties total_memory).",
+    unit="bytes", labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_ALLOC_RETRIES = _c(
+    "training_cuda_alloc_retries_total",
+    "Allocations that failed at first and succeeded after the allocator freed its cache (num_alloc_retries).",
+    labels=("gpu", "UUID"), source="cuda",
+)
+CUDA_OOMS = _c(
+    "training_cuda_ooms_total",
+    "Out-of-memory errors the caching allocator raised (num_ooms).",
+    labels=("gpu", "UUID"), source="cuda",
 )
 
 HOST_CPU = _g(

@@ -182,6 +182,12 @@ STALLED = AlertThresholds(
                                             "raise it if yours take longer"),
     },
 )
+HANG_SUSPECTED = AlertThresholds(
+    "TrainingHangSuspected", "critical", "1m",
+    "the exporter's watchdog saw no optimizer step for longer than its threshold (watchdog.multiple x the "
+    "recent median step time, at least watchdog.floor_seconds) outside evaluation and checkpointing, in "
+    "state training",
+)
 
 # --------------------------------------------------------------------------- gradients (gradients.alerts.yml)
 
@@ -298,6 +304,44 @@ THROUGHPUT_DEGRADED = AlertThresholds(
         "min_age": Window("30m", "a younger run has no baseline yet"),
     },
 )
+STRAGGLER_RANK = AlertThresholds(
+    "TrainingStragglerRank", "warning", "10m",
+    "a rank's own work per step (data_loading + forward + optimizer) > `ratio` x the `median` quantile across "
+    "the run's ranks, and the excess x steps per second (`rate`) > `time_share` of the time",
+    numbers={
+        "ratio": Number(1.2, "a rank 20% slower than the median holds every other rank back by as much; with two "
+                             "ranks (median = mean) the slow one is then 1.5x the other"),
+        "median": Number(0.5, "the median across ranks: one slow rank does not move it"),
+        "time_share": Number(0.1, "below a tenth of the run's time the straggler costs little: a 1 ms data loader "
+                                  "at 3x the others' is no straggler"),
+    },
+    windows={"rate": Window("5m", "steps per second, as the recorded per-step work, over this window")},
+)
+
+DATA_LOADER_BOUND = AlertThresholds(
+    "TrainingDataLoaderBound", "warning", "10m",
+    "data_loading seconds / the training phases' seconds (evaluation and checkpointing left out) over `rate` "
+    "> `fraction`",
+    numbers={"fraction": Number(0.2, "a fifth of the training time waiting for data: more workers or "
+                                     "pre-tokenized data would win it back")},
+    windows={"rate": Window("5m", "the phases' shares are rates over this window")},
+)
+
+# --------------------------------------------------------------------------- checkpoints (checkpoints.alerts.yml)
+
+CHECKPOINT_OVERDUE = AlertThresholds(
+    "TrainingCheckpointOverdue", "warning", "5m",
+    "time since the last checkpoint > `multiple` x the median interval between the recent saves, while training",
+    numbers={"multiple": Number(3, "one missed save can be a slow step or an evaluation; two in a row is a save "
+                                   "that fails or was switched off")},
+)
+CHECKPOINT_SLOW = AlertThresholds(
+    "TrainingCheckpointSlow", "warning", "5m",
+    "the last save's duration > `share` of the median interval between saves, while training",
+    numbers={"share": Number(0.1, "a tenth of the training time spent saving is worth saving less often or "
+                                  "faster")},
+)
+
 
 # --------------------------------------------------------------------------- exporter (exporter.alerts.yml)
 
@@ -331,6 +375,41 @@ GPU_MEMORY_NEARLY_FULL = AlertThresholds(
     "TrainingGpuMemoryNearlyFull", "warning", "10m",
     "GPU memory used / total > `max_ratio`",
     numbers={"max_ratio": Number(0.95, "a longer batch may not fit (NVML counts PyTorch's cached blocks too)")},
+)
+CUDA_MEMORY_HEADROOM_LOW = AlertThresholds(
+    "TrainingCudaMemoryHeadroomLow", "warning", "10m",
+    "CUDA allocator peak reserved / device total > `max_ratio`",
+    numbers={"max_ratio": Number(0.95, "within 5% of the device: a longer batch or more fragmentation will not "
+                                       "fit (the CUDA context and other processes need some too)")},
+)
+CUDA_ALLOC_RETRIES = AlertThresholds(
+    "TrainingCudaAllocRetries", "warning", "0s",
+    "the allocator retried an allocation after freeing its cache within `recent`",
+    windows={"recent": Window("10m", "resolves this long after the last retry; long enough to see a pattern")},
+)
+GPU_THROTTLED = AlertThresholds(
+    "TrainingGpuThrottled", "warning", "10m",
+    "a clock slowdown reason other than idle, application or display clock settings, sync boost and the software "
+    "power cap (where a busy board runs) is set",
+)
+GPU_ECC_UNCORRECTABLE = AlertThresholds(
+    "TrainingGpuEccUncorrectable", "critical", "0s",
+    "the volatile uncorrected ECC count rose within `recent`",
+    windows={"recent": Window("10m", "resolves this long after the last error, so that it is seen and inhibits "
+                                     "the warnings")},
+)
+GPU_XID_ERROR = AlertThresholds(
+    "TrainingGpuXidError", "critical", "0s",
+    "a critical XID (NVML event, or DCGM_FI_DEV_XID_ERRORS changing on the run's UUID) within `recent`",
+    windows={"recent": Window("10m", "resolves this long after the last XID")},
+)
+GPU_ROW_REMAP_FAILED = AlertThresholds(
+    "TrainingGpuRowRemapFailed", "critical", "0s",
+    "NVML reports a failed row remapping",
+)
+GPU_ROW_REMAP_PENDING = AlertThresholds(
+    "TrainingGpuRowRemapPending", "warning", "5m",
+    "remapped rows or retired pages wait for a GPU reset",
 )
 DISK_NEARLY_FULL_WARNING = AlertThresholds(
     "TrainingDiskNearlyFull", "warning", "5m",
