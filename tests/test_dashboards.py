@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "grafana"
 DASHBOARD_DIR = GRAFANA / "dashboards"
 RULES_DIR = ROOT / "prometheus" / "rules"
-EXPECTED_UIDS = {"training-run", "training-layers", "training-evaluation", "training-hardware"}
+EXPECTED_UIDS = {"training-run", "training-layers", "training-evaluation", "training-hardware",
+                 "training-systems"}
 CHAIN = ("job", "instance", "run_id")
 # Labels Prometheus or the exporter's constant labels add to every series.
 TARGET_LABELS = {"job", "instance", "run_id", "rank"}

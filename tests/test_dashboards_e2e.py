@@ -38,6 +38,8 @@ from test_dashboards import (
     substitute,
 )
 
+from exporter.config import ExporterConfig
+
 pytestmark = run_if(prometheus=True)
 
 RUN_ID = "dash-e2e"
@@ -57,10 +59,26 @@ DEADLINE_S = 150
 
 GPU = ("training_gpu_temperature_celsius", "training_gpu_memory_used_bytes", "training_gpu_memory_total_bytes",
        "training_gpu_utilization_ratio", "training_gpu_power_watts", "training_gpu_power_limit_watts")
+# PyTorch's CUDA caching allocator: read only from a process that has initialised CUDA.
+CUDA = ("training_cuda_memory_allocated_bytes", "training_cuda_memory_reserved_bytes",
+        "training_cuda_memory_peak_allocated_bytes", "training_cuda_memory_peak_reserved_bytes",
+        "training_cuda_memory_reserved_unallocated_bytes", "training_cuda_memory_total_bytes",
+        "training_cuda_alloc_retries_total", "training_cuda_ooms_total")
+NO_CUDA = "no CUDA device on a CPU-only machine (the allocator exports nothing)"
+# NVML health fields; each is absent where the board or driver lacks it too (ECC on a consumer board, NVLink on
+# a PCIe card, retired pages on Ampere and later, XID events where NVML cannot register them).
+NVML_HEALTH = "no GPU on a CPU-only machine (NVML absent); or a field this board or driver does not have"
+# The fp16 GradScaler's families: the demo trains in fp32 (bf16 and fp32 need no scaler).
+AMP = ("training_amp_loss_scale", "training_amp_skipped_steps_total")
+# The demo's peak FLOP/s: the CPU is in no peak table, so it is given one; 1e11 FLOP/s is of the order of a
+# few x86 cores' fp32 FMA peak, a figure for the demo (MFU has data), not a measurement.
+DEMO_PEAK_FLOPS = "1e11"
 # Panels that legitimately stay empty in this run, and the families whose
 # complete absence excuses them: this machine has no GPU (NVML absent, the
-# GPU collector exports nothing). On a GPU machine these families exist and
-# the panels are checked like the others.
+# GPU collector exports nothing; no CUDA) and the demo does not train in fp16.
+# On a GPU machine these families exist and the panels are checked like the
+# others. A query is excused only when every listed family it reads has no
+# series at all (so a panel's other queries still need data).
 ALLOWED_EMPTY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("training-run", "GPU temperature"): (GPU, "no GPU on a CPU-only machine"),
     ("training-hardware", "GPU temperature"): (GPU, "no GPU on a CPU-only machine"),
@@ -70,6 +88,21 @@ ALLOWED_EMPTY: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("training-hardware", "GPU power"): (GPU, "no GPU on a CPU-only machine"),
     # Its tokens/s query must have data all the same: only the GPU one is excused.
     ("training-hardware", "Tokens / s vs GPU memory"): (GPU, "no GPU on a CPU-only machine"),
+    ("training-systems", "CUDA memory headroom"): (CUDA, NO_CUDA),
+    ("training-systems", "CUDA memory fragmentation"): (CUDA, NO_CUDA),
+    ("training-systems", "CUDA allocated vs reserved"): (CUDA, NO_CUDA),
+    ("training-systems", "Allocator retries and OOMs"): (CUDA, NO_CUDA),
+    ("training-systems", "GPU clocks"): (("training_gpu_sm_clock_hertz", "training_gpu_memory_clock_hertz"),
+                                         NVML_HEALTH),
+    ("training-systems", "Throttle reasons"): (("training_gpu_throttle_reason",), NVML_HEALTH),
+    ("training-systems", "ECC errors"): (("training_gpu_ecc_errors_total",), NVML_HEALTH),
+    ("training-systems", "XID errors"): (("training_gpu_xid_errors_total", "training_gpu_last_xid"), NVML_HEALTH),
+    ("training-systems", "Memory repairs"): (("training_gpu_remapped_rows_pending", "training_gpu_remapped_rows_failed",
+                                              "training_gpu_retired_pages_pending"), NVML_HEALTH),
+    ("training-systems", "PCIe and NVLink errors"): (("training_gpu_pcie_replays_total",
+                                                      "training_gpu_nvlink_errors_total"), NVML_HEALTH),
+    ("training-systems", "Loss scale"): (AMP, "the demo trains in fp32: no fp16 GradScaler"),
+    ("training-systems", "Skipped steps"): (AMP, "the demo trains in fp32: no fp16 GradScaler"),
 }
 
 
@@ -195,8 +228,9 @@ def test_every_dashboard_query_runs_and_shows_data(tmp_path: Path) -> None:
             tmp_path, RUN_ID, demo_port, STEPS, [f"nan@{NAN_STEP}"],
             # Outlives the test; stopped by PID at the end.
             linger=DEADLINE_S + 30, save_steps=SAVE_STEPS,
-            # Every batch profiled, so that the drift reference and window fill within the run.
-            extra_args=["--drift.sample-every", "1"]))
+            # Every batch profiled, so that the drift reference and window fill within the run; a peak
+            # FLOP/s for the CPU, so that MFU and HFU have data.
+            extra_args=["--drift.sample-every", "1", "--mfu.peak-flops-per-second", DEMO_PEAK_FLOPS]))
 
         deadline = time.monotonic() + DEADLINE_S
         # The run completed and the analytics exporter published its last checkpoint.
@@ -227,8 +261,9 @@ def test_every_dashboard_query_runs_and_shows_data(tmp_path: Path) -> None:
         if o.series or o.error:
             continue
         entry = ALLOWED_EMPTY.get((o.query.dashboard, o.query.panel))
-        reads = families_read(o.query.expr, rules)
-        if entry and set(entry[0]) & reads and not set(entry[0]) & present:
+        # The listed families this query reads; it is excused when none of them has a series.
+        listed = set(entry[0]) & families_read(o.query.expr, rules) if entry else set()
+        if entry and listed and not listed & present:
             excused.append(f"{o.query.dashboard} / {o.query.panel} {o.query.ref}: {entry[1]}")
         else:
             unexpected.append(f"{o.query.dashboard} / {o.query.panel} {o.query.ref or o.query.kind}: {o.expr}")
@@ -266,3 +301,28 @@ def test_every_dashboard_query_runs_and_shows_data(tmp_path: Path) -> None:
     assert "-1" in {r["metric"]["layer"] for r in instant("training-layers", "Drift per layer")}
     # A Trainer evaluation every fifth of the run.
     assert float(instant("training-evaluation", "Evaluations")[0]["value"][1]) >= 1
+
+    # Systems: MFU is the model FLOP/s over the demo's peak; without gradient checkpointing HFU is MFU.
+    def last(uid: str, title: str, ref: str = "A") -> list[float]:
+        """The last value of each series of a range query."""
+        return [float(series["values"][-1][1]) for series in instant(uid, title, ref)]
+
+    assert last("training-systems", "Achieved FLOP/s", "C") == [float(DEMO_PEAK_FLOPS)]
+    [mfu], [hfu], [model_rate] = (last("training-systems", "MFU and HFU"), last("training-systems", "MFU and HFU", "B"),
+                                  last("training-systems", "Achieved FLOP/s"))
+    assert mfu > 0 and hfu == mfu, (mfu, hfu)
+    assert abs(mfu - model_rate / float(DEMO_PEAK_FLOPS)) <= 1e-9 * mfu, (mfu, model_rate)
+    # One rank: its own median.
+    assert last("training-systems", "Ranks against their median") == [1.0]
+    # The phases tile the loop's time: their shares add up to 1.
+    phase_shares = {r["metric"]["phase"]: float(r["values"][-1][1])
+                    for r in instant("training-systems", "Step phase breakdown")}
+    assert {"forward", "backward", "optimizer"} <= set(phase_shares), phase_shares
+    assert abs(sum(phase_shares.values()) - 1) <= 1e-9, phase_shares
+    # Checkpoints every SAVE_STEPS steps: sizes and save times are measured, the last save is in the past.
+    assert all(size > 0 for size in last("training-systems", "Checkpoint size")), "no checkpoint size"
+    assert all(duration > 0 for duration in last("training-systems", "Checkpoint duration"))
+    assert all(age > 0 for age in last("training-systems", "Time since the last checkpoint"))
+    # The run completed without a hang; its steps are far faster than the floor, so the threshold is the floor.
+    assert [float(r["value"][1]) for r in instant("training-systems", "Hang suspected")] == [0.0]
+    assert last("training-systems", "Time without a step", "B") == [ExporterConfig().watchdog_floor_seconds]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import evaluation, hardware, layers, training_run
+from . import evaluation, hardware, layers, systems, training_run
 
 # File name (without .json) -> builder of the dashboard, in the order the links list them.
 DASHBOARDS: dict[str, Callable[[], Any]] = {
@@ -13,4 +13,5 @@ DASHBOARDS: dict[str, Callable[[], Any]] = {
     "training-layers": layers.build,
     "training-evaluation": evaluation.build,
     "training-hardware": hardware.build,
+    "training-systems": systems.build,
 }

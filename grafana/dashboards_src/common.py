@@ -50,6 +50,8 @@ UNIT_BYTES = "bytes"
 UNIT_CELSIUS = "celsius"
 UNIT_WATTS = "watt"
 UNIT_NATS = "suffix: nats"
+UNIT_FLOPS = "flops"  # FLOP/s, SI-prefixed (GFLOP/s, TFLOP/s)
+UNIT_HERTZ = "hertz"
 
 GREEN, YELLOW, RED, BLUE, GREY, ORANGE = "green", "yellow", "red", "blue", "text", "orange"
 
