@@ -370,7 +370,12 @@ def test_watch_redraws_in_place_and_stops_on_ctrl_c(stack: Stack) -> None:
     proc = subprocess.Popen(argv, stdout=child, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
     os.close(child)
     try:
+        # Ctrl-C after 3 s and three screens drawn (the start, torch import included, is slow on a loaded
+        # machine: a Ctrl-C before the watch loop runs tests nothing).
         shown = _read_for(main, 3.0)
+        deadline = time.monotonic() + 30.0
+        while shown.count(CLEAR.encode()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            shown += _read_for(main, 0.5)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
         shown += _read_for(main, 0.5)
