@@ -470,6 +470,63 @@ ANALYTICS_STALE = AlertThresholds(
                                              "less often")},
 )
 
+# --------------------------------------------------------------------------- meta (meta.alerts.yml)
+
+ALERTING_WATCHDOG = AlertThresholds(
+    "TrainingAlertingWatchdog", "info", "0s",
+    "always (vector(1)): its notifications stopping is what the heartbeat service pages on",
+)
+ALERT_NOTIFICATIONS_FAILING = AlertThresholds(
+    "TrainingAlertNotificationsFailing", "critical", "0s",
+    "Alertmanager gave up on a notification of an integration within `recent`",
+    windows={"recent": Window("5m", "resolves this long after the last lost notification; at least 2 scrape "
+                                    "intervals, so that one failure between two scrapes is seen")},
+)
+ALERTMANAGER_UNREACHABLE = AlertThresholds(
+    "TrainingAlertmanagerUnreachable", "warning", "5m",
+    "Prometheus failed to send alerts to Alertmanager within `recent`, or discovers no Alertmanager",
+    windows={"recent": Window("5m", "Prometheus resends every firing alert each minute, so failures in every "
+                                    "5 minutes are an outage, not one lost request")},
+)
+RULE_EVALUATIONS_FAILING = AlertThresholds(
+    "TrainingRuleEvaluationsFailing", "critical", "5m",
+    "a rule group had failed evaluations within `recent`",
+    windows={"recent": Window("5m", "with the `for` of 5m a single failure (a run moving to a new target) does "
+                                    "not fire; failures at least every 5 minutes do")},
+)
+RULE_EVALUATIONS_MISSED = AlertThresholds(
+    "TrainingRuleEvaluationsMissed", "warning", "15m",
+    "a rule group skipped evaluations (slower than its interval) within `recent`",
+    windows={"recent": Window("5m", "a burst of load can skip one; skipping in every 5 minutes for a quarter "
+                                    "of an hour is an overloaded server or a costly rule")},
+)
+SCRAPES_FLAPPING = AlertThresholds(
+    "TrainingScrapesFlapping", "warning", "5m",
+    "a training or analytics target failed > `max_failed_ratio` of its scrapes over `window` with up "
+    "changing >= `min_changes` times and a success within `recent`, unless a run (re)started on it within "
+    "`window`",
+    numbers={
+        "max_failed_ratio": Number(0.1, "a tenth of the scrapes lost: events between them (a spike, a NaN) go "
+                                        "unseen"),
+        "min_changes": Number(4, "two separate outages: a start, a crash or a restart changes up once or "
+                                 "twice"),
+    },
+    windows={
+        "window": Window("10m", "long enough to hold two outages at a 60 s scrape interval"),
+        "recent": Window("2m", "TrainingExporterDown's `for`: a target down for that long is that alert's, so "
+                               "the two never fire together"),
+    },
+)
+SCRAPES_REJECTED = AlertThresholds(
+    "TrainingScrapesRejected", "critical", "1m",
+    "up == 0 while scrape_samples_scraped > 0 (the target answered; Prometheus discarded the scrape); for 1m, "
+    "less than TrainingExporterDown's 2m, so that it fires first and Alertmanager inhibits that one",
+)
+CONFIG_RELOAD_FAILED = AlertThresholds(
+    "TrainingConfigReloadFailed", "warning", "5m",
+    "prometheus_config_last_reload_successful or alertmanager_config_last_reload_successful is 0",
+)
+
 # Every entry, in the order of the rules.
 ALERTS: tuple[AlertThresholds, ...] = tuple(v for v in list(globals().values()) if isinstance(v, AlertThresholds))
 

@@ -40,6 +40,8 @@ needs_alertmanager = run_if(alertmanager=True)
 CRITICAL = "training-critical"
 SLACK = "training-slack"
 DIGEST = "training-info-digest"
+HEARTBEAT = "deadmansswitch"
+WATCHDOG = "TrainingAlertingWatchdog"
 
 
 def _config() -> dict[str, Any]:
@@ -63,13 +65,14 @@ def test_check_config_is_clean() -> None:
     result = _amtool("check-config", str(ALERTMANAGER_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
-    assert "3 inhibit rules" in result.stdout
+    assert "4 inhibit rules" in result.stdout
 
 
 def test_secrets_come_from_files_only() -> None:
     config = _config()
     text = ALERTMANAGER_CONFIG.read_text()
-    for key in ("api_url:", "auth_password:", "slack_api_url:", "smtp_auth_password:", "hooks.slack.com"):
+    for key in ("api_url:", "auth_password:", "slack_api_url:", "smtp_auth_password:", "hooks.slack.com",
+                "credentials:", "password:"):
         assert key not in text, f"{key} in the committed configuration: secrets belong in files"
     files = set()
     for receiver in config["receivers"]:
@@ -77,7 +80,10 @@ def test_secrets_come_from_files_only() -> None:
             files.add(slack["api_url_file"])
         for mail in receiver.get("email_configs", []):
             files.add(mail["auth_password_file"])
-    assert files == {"/etc/alertmanager/secrets/slack_webhook_url", "/etc/alertmanager/secrets/smtp_password"}
+        for hook in receiver.get("webhook_configs", []):
+            files.add(hook["http_config"]["authorization"]["credentials_file"])
+    assert files == {"/etc/alertmanager/secrets/slack_webhook_url", "/etc/alertmanager/secrets/smtp_password",
+                     "/etc/alertmanager/secrets/heartbeat_token"}
 
 
 def test_secret_files_are_ignored_by_git() -> None:
@@ -90,6 +96,7 @@ def test_secret_files_are_ignored_by_git() -> None:
 
     assert ignored("alertmanager/secrets/slack_webhook_url")
     assert ignored("alertmanager/secrets/smtp_password")
+    assert ignored("alertmanager/secrets/heartbeat_token")
     assert not ignored("alertmanager/secrets/README.md")
     assert not ignored("alertmanager/secrets/.gitignore")
 
@@ -99,6 +106,7 @@ def test_receivers_and_grouping() -> None:
     route = config["route"]
     assert route["group_by"] == ["alertname", "run_id"]
     critical, slack, digest = _receiver(CRITICAL), _receiver(SLACK), _receiver(DIGEST)
+    assert {r["name"] for r in config["receivers"]} == {CRITICAL, SLACK, DIGEST, HEARTBEAT}
     assert set(critical) == {"name", "slack_configs", "email_configs"}
     assert set(slack) == {"name", "slack_configs"}
     assert set(digest) == {"name", "email_configs"}
@@ -109,6 +117,26 @@ def test_receivers_and_grouping() -> None:
     # A daily digest: one message per run, at most once a day.
     assert info["group_by"] == ["run_id"]
     assert info["group_interval"] == info["repeat_interval"] == "24h"
+    # The dead man's switch: first, alone, to the heartbeat service only, pinging about every minute; a
+    # resolved watchdog is no heartbeat.
+    watchdog = route["routes"][0]
+    assert watchdog["matchers"] == [f'alertname="{WATCHDOG}"'] and watchdog["receiver"] == HEARTBEAT
+    assert watchdog["continue"] is False and "routes" not in watchdog
+    assert (watchdog["group_wait"], watchdog["group_interval"], watchdog["repeat_interval"]) == ("0s", "1m", "1m")
+    heartbeat = _receiver(HEARTBEAT)
+    assert set(heartbeat) == {"name", "webhook_configs"} and len(heartbeat["webhook_configs"]) == 1
+    assert heartbeat["webhook_configs"][0]["send_resolved"] is False
+
+
+def test_nothing_inhibits_the_watchdog() -> None:
+    """Every inhibition either needs a run_id on its source (equal: [run_id] would match two missing labels) or
+    names its targets: the watchdog, with no run_id, is never a target."""
+    for rule in _config()["inhibit_rules"]:
+        targets = " ".join(rule["target_matchers"])
+        if "alertname=" in targets:
+            assert WATCHDOG not in targets, rule
+        else:
+            assert rule["equal"] == ["run_id"] and 'run_id!=""' in rule["source_matchers"], rule
 
 
 # Label sets and the receivers they must reach.
@@ -119,6 +147,16 @@ ROUTES = [
     ({"alertname": "TrainingStalled", "severity": "warning", "run_id": "r2"}, SLACK),
     ({"alertname": "TrainingLossPlateau", "severity": "info", "component": "loss", "run_id": "r1"}, DIGEST),
     ({"alertname": "TrainingLossDiverging", "severity": "warning", "component": "training", "run_id": "r1"}, SLACK),
+    # The alerting chain's own alerts (no run_id): the watchdog to the heartbeat service alone, whatever its
+    # severity; a failing integration to Slack and email (training-critical).
+    ({"alertname": WATCHDOG, "severity": "info", "component": "meta"}, HEARTBEAT),
+    ({"alertname": WATCHDOG, "severity": "critical", "component": "meta"}, HEARTBEAT),
+    ({"alertname": "TrainingAlertNotificationsFailing", "severity": "critical", "component": "meta",
+      "integration": "slack"}, CRITICAL),
+    ({"alertname": "TrainingRuleEvaluationsFailing", "severity": "critical", "component": "meta"}, CRITICAL),
+    ({"alertname": "TrainingScrapesRejected", "severity": "critical", "component": "meta"}, CRITICAL),
+    ({"alertname": "TrainingScrapesFlapping", "severity": "warning", "component": "meta"}, SLACK),
+    ({"alertname": "TrainingConfigReloadFailed", "severity": "warning", "component": "meta"}, SLACK),
     # Without a known severity an alert still reaches people.
     ({"alertname": "TrainingSomethingNew", "run_id": "r1"}, SLACK),
     ({"alertname": "TrainingSomethingNew", "severity": "page", "run_id": "r1"}, SLACK),

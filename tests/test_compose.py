@@ -129,9 +129,14 @@ def test_prometheus_gets_its_config_rules_and_the_exporters_on_the_host() -> Non
                   .glob(os.path.basename(pattern))]
     assert sorted(rule_files) == sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
     # The exporters run on the Docker host: the scrape targets name it, and Compose maps it.
-    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    jobs = {job["job_name"]: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+            for job in config["scrape_configs"]}
+    targets = jobs["training"] + jobs["training-analytics"]
     assert targets and all(t.startswith("host.docker.internal:") for t in targets), targets
     assert "host.docker.internal:host-gateway" in prometheus["extra_hosts"]
+    # Meta-monitoring scrapes Prometheus itself and the compose Alertmanager, and nothing else.
+    assert {job: targets for job, targets in jobs.items() if job not in ("training", "training-analytics")} == {
+        "prometheus": ["localhost:9090"], "alertmanager": ["alertmanager:9093"]}
     # Alerts go to the compose service.
     am_targets = [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
     assert am_targets == ["alertmanager:9093"]

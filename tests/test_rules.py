@@ -29,7 +29,7 @@ RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
 # One file per group: <area>.alerts.yml holds the group training-<area>.alerts.
 ALERT_FILES = sorted((PROM / "rules").glob("*.alerts.yml"))
 AREAS = {"loss", "gradients", "optimizer", "evaluation", "throughput", "exporter", "hardware", "data", "analytics",
-         "checkpoints"}
+         "checkpoints", "meta"}
 
 TEST_FILES = sorted((PROM / "tests").glob("*.yml"))
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -39,7 +39,9 @@ PROMTOOL = shutil.which("promtool")
 
 SEVERITIES = {"critical", "warning", "info"}
 COMPONENTS = {"training", "gradients", "optimizer", "evaluation", "throughput", "hardware", "analytics", "data",
-              "exporter"}
+              "exporter", "meta"}
+# The alerting chain's own alerts (meta.alerts.yml, component meta) are about no run: they carry no run_id.
+META_COMPONENT = "meta"
 ANNOTATIONS = {"summary", "description", "recommendation", "runbook_url"}
 OPTIONAL_ANNOTATIONS = {"dashboard"}
 
@@ -71,9 +73,16 @@ CONTRACT: dict[str, set[str] | None] = {
     "TrainingLayerDriftExcessive": None,
     "TrainingAnalyticsStale": None,
     "TrainingDatasetDrift": {"warning", "critical"},
+    # Its own receiver (deadmansswitch); info so that, routed anywhere else, it ends in the daily digest.
+    "TrainingAlertingWatchdog": {"info"},
+    # Critical: training-critical notifies Slack and email, so a failure of either is heard through the other.
+    "TrainingAlertNotificationsFailing": {"critical"},
 }
+# The dead man's switch (alertmanager/alertmanager.yml routes it to its own receiver).
+ALWAYS_FIRING = {"TrainingAlertingWatchdog"}
 # Their value is `up` (0) or a presence marker (1): the description states the fact instead.
-NO_VALUE_IN_DESCRIPTION = {"TrainingExporterDown", "TrainingExporterAbsent"}
+NO_VALUE_IN_DESCRIPTION = {"TrainingExporterDown", "TrainingExporterAbsent", "TrainingAlertingWatchdog",
+                           "TrainingConfigReloadFailed"}
 
 DURATION = r"\d+(?:ms|s|m|h|d|w|y)"
 NUMBER = r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"
@@ -95,6 +104,10 @@ def alerting_rules() -> list[dict[str, Any]]:
     return [r for r in rules() if "alert" in r]
 
 
+def meta_alerts() -> set[str]:
+    return {r["alert"] for r in alerting_rules() if r["labels"]["component"] == META_COMPONENT}
+
+
 def recording_names() -> set[str]:
     return {r["record"] for r in rules() if "record" in r}
 
@@ -110,11 +123,19 @@ def alert_cases() -> list[tuple[str, dict[str, Any]]]:
 # Series of other exporters that rules may join with this project's (on UUID): not in the catalogue.
 # DCGM_FI_DEV_XID_ERRORS: NVIDIA's DCGM exporter, the XID source where NVML events are not available.
 EXTERNAL_METRICS = {"DCGM_FI_DEV_XID_ERRORS"}
+# The alerting chain's own series (meta.alerts.yml): Prometheus's and Alertmanager's (scrape jobs prometheus and
+# alertmanager), and Prometheus's series of each scrape besides `up`.
+CHAIN_METRICS = {
+    "alertmanager_notifications_failed_total", "alertmanager_config_last_reload_successful",
+    "prometheus_notifications_errors_total", "prometheus_notifications_alertmanagers_discovered",
+    "prometheus_rule_evaluation_failures_total", "prometheus_rule_group_iterations_missed_total",
+    "prometheus_config_last_reload_successful", "scrape_samples_scraped",
+}
 
 
 def known_metrics() -> set[str]:
     names = {n for spec in metrics.ALL + analytics.ALL for n in metrics.exposed_names(spec)}
-    return names | {"up"} | EXTERNAL_METRICS
+    return names | {"up"} | EXTERNAL_METRICS | CHAIN_METRICS
 
 
 def strip_selectors(expr: str) -> str:
@@ -218,6 +239,10 @@ def test_every_alert_fires_and_stays_quiet_in_a_unit_test() -> None:
     for rule in alerting_rules():
         name, severity = rule["alert"], rule["labels"]["severity"]
         assert severity in firing.get(name, set()), f"no test where {name} ({severity}) fires"
+        if name in ALWAYS_FIRING:
+            # A dead man's switch has no quiet case: it must fire whatever the series, without a `for`.
+            assert rule["expr"].strip() == "vector(1)" and "for" not in rule, name
+            continue
         assert name in quiet, f"no test where {name} must not fire (exp_alerts: [])"
 
 
@@ -236,10 +261,14 @@ def test_every_alert_keeps_run_id() -> None:
         for alert in case.get("exp_alerts") or []
         if alert["exp_labels"].get("run_id")
     }
-    assert {r["alert"] for r in alerting_rules()} <= with_run_id
-    # Only an exporter that never published a run has nothing to take run_id from.
+    meta = meta_alerts()
+    assert {r["alert"] for r in alerting_rules()} - meta <= with_run_id
+    # Only an exporter that never published a run has nothing to take run_id from; the chain's alerts have none.
     for _, case in alert_cases():
         for alert in case.get("exp_alerts") or []:
+            if case["alertname"] in meta:
+                assert "run_id" not in alert["exp_labels"], case
+                continue
             assert alert["exp_labels"].get("run_id") or case["alertname"] == "TrainingExporterDown", case
 
 
@@ -285,7 +314,7 @@ def test_alerts_have_severity_component_and_annotations() -> None:
         assert ANNOTATIONS <= set(ann) <= ANNOTATIONS | OPTIONAL_ANNOTATIONS, name
         assert ann["runbook_url"] == RUNBOOK_URL + name.lower(), name
         assert "{{" not in ann["summary"], f"{name}: the summary is a fixed sentence"
-        assert "$labels.run_id" in ann["description"], name
+        assert "$labels.run_id" in ann["description"] or rule["labels"]["component"] == META_COMPONENT, name
         assert "$value" in ann["description"] or name in NO_VALUE_IN_DESCRIPTION, name
         assert ann["recommendation"].strip(), name
 
@@ -391,6 +420,9 @@ def test_one_alerts_file_per_group() -> None:
         groups = load(path)["groups"]
         assert [g["name"] for g in groups] == [f"training-{path.name.removesuffix('.alerts.yml')}.alerts"], path
         assert all("alert" in rule for rule in groups[0]["rules"]), path
+    # Component meta is the alerting chain's, and only meta.alerts.yml's.
+    in_meta_file = {r["alert"] for g in load(PROM / "rules" / "meta.alerts.yml")["groups"] for r in g["rules"]}
+    assert in_meta_file == meta_alerts()
     for path in RULE_FILES:
         # Recording rules live in <name>.rules.yml files, one per subject.
         assert path in ALERT_FILES or path.name.endswith(".rules.yml"), path
@@ -417,6 +449,9 @@ def test_prometheus_config_scrapes_both_exporters() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["training"]["static_configs"][0]["targets"] == ["host.docker.internal:9945"]
     assert jobs["training-analytics"]["static_configs"][0]["targets"] == ["host.docker.internal:9946"]
+    # Meta-monitoring (meta.alerts.yml) reads Prometheus's and Alertmanager's own series.
+    assert jobs["prometheus"]["static_configs"][0]["targets"] == ["localhost:9090"]
+    assert jobs["alertmanager"]["static_configs"][0]["targets"] == am
     patterns = [f for sd in jobs["training"]["file_sd_configs"] for f in sd["files"]]
     files = sorted(p for pattern in patterns for p in (CONFIG.parent).glob(pattern))
     # The example is not loaded (it would be two targets always down) but has the loaded format.

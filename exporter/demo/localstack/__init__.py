@@ -36,7 +36,7 @@ from exporter.demo.localstack.processes import (
     wait_http_ok,
     wait_until,
 )
-from exporter.demo.localstack.receivers import FakeSlack, FakeSMTP, Mail, Notification, SlackPost
+from exporter.demo.localstack.receivers import FakeSlack, FakeSMTP, Mail, Notification, SlackPost, WebhookStandIn
 
 __all__ = [
     "ALERTMANAGER",
@@ -55,6 +55,7 @@ __all__ = [
     "Process",
     "ProjectFiles",
     "SlackPost",
+    "WebhookStandIn",
     "check_prerequisites",
     "free_port",
     "missing_binaries",

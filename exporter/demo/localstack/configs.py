@@ -9,7 +9,7 @@ place that finds them, and says in one line what is missing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,14 +79,23 @@ def write_alertmanager_config(
     group_interval: str = "1s",
     repeat_interval: str = "1h",
     source: Path = ALERTMANAGER_CONFIG,
+    heartbeat_url: str | None = None,
+    heartbeat_token: str = "local-heartbeat-token",
 ) -> Path:
     """A copy of the project's Alertmanager configuration wired to local stand-ins.
 
     Only what ties it to production changes: the secret files (temporary files
-    with the local webhook URL and SMTP password), the SMTP relay (127.0.0.1,
-    no STARTTLS: the local server has no certificate), the template path
-    (absolute) and the timings (seconds instead of minutes). Routing, grouping,
-    inhibition, receivers and templates are the project's own.
+    with the local webhook URL, SMTP password and heartbeat token), the SMTP
+    relay (127.0.0.1, no STARTTLS: the local server has no certificate), the
+    heartbeat service's URL (the watchdog's webhook receiver), the template
+    path (absolute) and the timings (seconds instead of minutes). Routing,
+    grouping, inhibition, receivers and templates are the project's own.
+
+    ``heartbeat_url`` is where the webhook receivers (the watchdog's) post,
+    with ``heartbeat_token`` as their bearer token read from a secret file.
+    Without one the local chain has no heartbeat service: those receivers keep
+    their name and routes but notify nothing, so that the always-firing
+    watchdog neither fails nor reaches anyone.
     """
     config = yaml.safe_load(source.read_text())
     secrets = workdir / "secrets"
@@ -97,6 +106,8 @@ def write_alertmanager_config(
     password_file = secrets / "smtp_password"
     # No newline: Alertmanager 0.25 sends the password file's bytes as they are.
     password_file.write_text(smtp_password)
+    token_file = secrets / "heartbeat_token"
+    token_file.write_text(heartbeat_token)
 
     config["global"]["smtp_smarthost"] = f"127.0.0.1:{smtp_port}"
     config["global"]["smtp_require_tls"] = False
@@ -115,6 +126,15 @@ def write_alertmanager_config(
             mail["auth_password_file"] = str(password_file)
             mail.pop("smarthost", None)
             mail.pop("require_tls", None)
+        if "webhook_configs" in receiver and heartbeat_url is None:
+            del receiver["webhook_configs"]
+        for hook in receiver.get("webhook_configs", []):
+            authorization = hook.get("http_config", {}).get("authorization", {})
+            if "credentials" in authorization:
+                raise ValueError(f"{source}: a heartbeat token is a secret: use credentials_file")
+            hook.pop("url_file", None)
+            hook["url"] = heartbeat_url
+            hook["http_config"] = {"authorization": {**authorization, "credentials_file": str(token_file)}}
 
     def retime(route: dict[str, Any]) -> None:
         for key, value in (("group_wait", group_wait), ("group_interval", group_interval),
@@ -137,13 +157,21 @@ def write_prometheus_config(
     alertmanager: str,
     rule_files: Sequence[Path],
     interval: str = "1s",
+    jobs: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
-    """A Prometheus configuration scraping ``targets`` (job "training") with the given rules and Alertmanager."""
+    """A Prometheus configuration scraping ``targets`` (job "training") with the given rules and Alertmanager.
+
+    ``jobs`` adds scrape jobs (job name -> targets), such as ``prometheus`` and
+    ``alertmanager``, whose own series the meta alerts (meta.alerts.yml) read.
+    """
+    scrape_configs = [{"job_name": "training", "static_configs": [{"targets": list(targets)}]}]
+    scrape_configs += [{"job_name": name, "static_configs": [{"targets": list(addresses)}]}
+                       for name, addresses in (jobs or {}).items()]
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
         "rule_files": [str(path.resolve()) for path in rule_files],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]},
-        "scrape_configs": [{"job_name": "training", "static_configs": [{"targets": list(targets)}]}],
+        "scrape_configs": scrape_configs,
     }
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -166,9 +166,10 @@ def start_alertmanager(config: Path, workdir: Path, port: int) -> Process:
     return _start_server("alertmanager", ALERTMANAGER, flags, workdir, port)
 
 
-def start_prometheus(config: Path, workdir: Path, port: int) -> Process:
-    """``prometheus`` on 127.0.0.1:port with its TSDB in ``workdir``, returned once it is ready."""
+def start_prometheus(config: Path, workdir: Path, port: int, extra_flags: Sequence[str] = ()) -> Process:
+    """``prometheus`` on 127.0.0.1:port with its TSDB in ``workdir`` (and ``extra_flags``), returned once it is
+    ready."""
     storage = workdir / "prometheus-data"
     storage.mkdir(exist_ok=True)
-    flags = [f"--config.file={config}", f"--storage.tsdb.path={storage}"]
+    flags = [f"--config.file={config}", f"--storage.tsdb.path={storage}", *extra_flags]
     return _start_server("prometheus", PROMETHEUS, flags, workdir, port)

@@ -106,49 +106,49 @@ class SlackPost(_Notification):
         return html.unescape(match[1]).strip() if match else ""
 
 
-class FakeSlack:
-    """Collects what Alertmanager posts to the Slack webhook URL, with arrival times.
+class WebhookStandIn:
+    """A local HTTP server on 127.0.0.1 that records each POST, with its arrival time; a subclass says what
+    one is (:meth:`_parse`) and where Alertmanager posts (:attr:`path`)."""
 
-    ``on_post`` (optional) is called with each post, on the server's thread,
-    after it has been recorded.
-    """
+    name = "webhook"
+    path = "/"
 
-    def __init__(self, on_post: Callable[[SlackPost], None] | None = None) -> None:
-        self.posts: list[SlackPost] = []
+    def __init__(self) -> None:
+        self._items: list[Any] = []
         self._lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                now = time.time()
-                try:
-                    payload = json.loads(body)
-                except ValueError:
-                    payload = {"invalid_json": body.decode(errors="replace")}
-                post = SlackPost(now, self.path, payload)
+                item = owner._parse(time.time(), self.path, dict(self.headers.items()), body)
                 with owner._lock:
-                    owner.posts.append(post)
+                    owner._items.append(item)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()
                 self.wfile.write(b"ok")
-                if on_post is not None:
-                    on_post(post)
+                owner._posted(item)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-slack", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"fake-{self.name}", daemon=True)
+
+    def _parse(self, now: float, path: str, headers: dict[str, str], body: bytes) -> Any:
+        raise NotImplementedError
+
+    def _posted(self, item: Any) -> None:
+        pass
 
     @property
     def url(self) -> str:
-        """The webhook URL to give Alertmanager (any path is accepted)."""
+        """The URL to give Alertmanager (any path is accepted)."""
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/services/T0000/B0000/local"
+        return f"http://{host!s}:{port}{self.path}"
 
-    def start(self) -> FakeSlack:
+    def start(self) -> Any:
         self._thread.start()
         return self
 
@@ -158,9 +158,42 @@ class FakeSlack:
             self._thread.join(5)
         self._server.server_close()
 
-    def snapshot(self) -> list[SlackPost]:
+    def _snapshot(self) -> list[Any]:
         with self._lock:
-            return list(self.posts)
+            return list(self._items)
+
+
+class FakeSlack(WebhookStandIn):
+    """Collects what Alertmanager posts to the Slack webhook URL, with arrival times.
+
+    ``on_post`` (optional) is called with each post, on the server's thread,
+    after it has been recorded.
+    """
+
+    name = "slack"
+    path = "/services/T0000/B0000/local"
+
+    def __init__(self, on_post: Callable[[SlackPost], None] | None = None) -> None:
+        self._on_post = on_post
+        super().__init__()
+
+    def _parse(self, now: float, path: str, headers: dict[str, str], body: bytes) -> SlackPost:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = {"invalid_json": body.decode(errors="replace")}
+        return SlackPost(now, path, payload)
+
+    def _posted(self, item: Any) -> None:
+        if self._on_post is not None:
+            self._on_post(item)
+
+    def start(self) -> FakeSlack:
+        super().start()
+        return self
+
+    def snapshot(self) -> list[SlackPost]:
+        return self._snapshot()
 
     def find(self, **want: str) -> list[SlackPost]:
         return [post for post in self.snapshot() if all(getattr(post, k) == v for k, v in want.items())]
