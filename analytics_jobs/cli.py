@@ -15,13 +15,23 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
-from exporter.argtypes import EXIT_FAILED, checked, fail, positive_int, positive_seconds
+from exporter.argtypes import EXIT_FAILED, checked, fail, integer, positive_seconds, usable_cpus
 from exporter.config import derive_run_id, parse_listen_address
+from exporter.files import dir_problem
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from exporter.server import MetricsServer
 
 ENV_PREFIX = "TRAINING_EXPORTER_ANALYTICS_"
 DEFAULT_LISTEN = ":9946"
 DEFAULT_INTERVAL = 600.0
+# A *_history.json is read and rewritten whole on every analysis (a few KiB an entry): 10 000 entries are
+# tens of MB, far more than a dashboard shows.
+MAX_HISTORY = 10_000
 
 log = logging.getLogger("training_exporter.analytics")
 
@@ -61,20 +71,34 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     parser.add_argument("--web.listen-address", dest="listen_address", type=checked(parse_listen_address),
                         default=env("web.listen-address", DEFAULT_LISTEN), metavar="HOST:PORT",
                         help="Where to serve /metrics (not served with --once).")
+    parser.add_argument("--web.config.file", dest="web_config_file", default=env("web.config.file", ""),
+                        metavar="FILE",
+                        help="The exporter-toolkit web configuration file: TLS, mutual TLS and basic auth "
+                             "(docs/security.md); empty: plain HTTP, no auth.")
     parser.add_argument("--run-id", default=env("run-id"), metavar="ID",
                         help="Value of the run_id label (default: the name of --checkpoint-dir, as the training "
                              "exporter derives it from the Trainer's output dir).")
-    parser.add_argument("--history", type=positive_int, default=env("history", "100"), metavar="N",
-                        help="Entries kept in each *_history.json.")
-    parser.add_argument("--threads", type=positive_int, default=env("threads", "1"), metavar="N",
-                        help="CPU threads for the tensor maths. One keeps the daemon a quiet neighbour of training "
-                             "(a 0.6B checkpoint takes seconds, an 8B one well under a minute); more only pay off on "
-                             "idle cores, and oversubscribed cores make them far slower.")
+    parser.add_argument("--history", type=integer(1, MAX_HISTORY), default=env("history", "100"), metavar="N",
+                        help=f"Entries kept in each *_history.json (at most {MAX_HISTORY}).")
+    # torch.set_num_threads(100000) is accepted, and the first matrix product then segfaults. More threads
+    # than the CPUs the process may use only make it slower, so those are the bound.
+    cpus = usable_cpus()
+    parser.add_argument("--threads", type=integer(1, cpus, "the CPUs this process may use"),
+                        default=env("threads", "1"), metavar="N",
+                        help="CPU threads for the tensor maths, at most the CPUs this process may use "
+                             f"({cpus} here). One keeps the daemon a quiet neighbour of training (a 0.6B checkpoint "
+                             "takes seconds, an 8B one well under a minute); more only pay off on idle cores, and "
+                             "oversubscribed cores make them far slower.")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the analytics exporter as parsed by :func:`add_parser`'s parser; the exit code.
 
+    Everything that can be checked cheaply is checked first, and the endpoint starts before the base model is
+    read (seconds for a large one, after importing torch): a taken port or a bad path is one line and exit
+    code 2 at once. /metrics serves an empty exposition until the daemon's collectors are registered.
+    """
     if not args.base:
         fail(f"analytics: --base is required (or {env_name('base')})")
     if not args.checkpoint_dir:
@@ -90,7 +114,52 @@ def run(args: argparse.Namespace) -> int:
     run_id = args.run_id or derive_run_id(args.checkpoint_dir)
     if len(run_id) > 128 or "\n" in run_id:
         fail("analytics: --run-id must be a single line of at most 128 characters")
+    status_dir = Path(args.status_dir)
+    problem = dir_problem(status_dir)
+    if problem:
+        fail(f"analytics: --status-dir: {problem}")
 
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=True)
+    server = None
+    if not args.once:
+        server = serve(registry, args.listen_address, args.web_config_file)
+    try:
+        return _analyse(args, base_path, checkpoint_dir, status_dir, run_id, registry, server)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def serve(registry: CollectorRegistry, address: tuple[str, int], web_config_file: str) -> MetricsServer:
+    """The started endpoint of ``registry`` (exits with one line and code 2 when it cannot be)."""
+    from exporter.server import MetricsServer, ServerHooks, SharedExposition
+    from exporter.web import WebConfigError, WebConfigSource
+
+    web = None
+    if web_config_file:
+        try:
+            web = WebConfigSource(web_config_file, on_error=_log_once)
+        except WebConfigError as exc:
+            fail(f"analytics: {exc}")
+    host, port = address
+    try:
+        return MetricsServer(host, port, SharedExposition(registry), web=web, hooks=ServerHooks(on_error=_log_once),
+                             name="training-analytics").start()
+    except OSError as exc:
+        fail(f"analytics: cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _log_once(exc: Exception, seen: set[str] = set()) -> None:  # noqa: B006 - one set for the process
+    kind = type(exc).__name__
+    (log.debug if kind in seen else log.warning)("analytics: /metrics endpoint: %s: %s", kind, exc)
+    seen.add(kind)
+
+
+def _analyse(args: argparse.Namespace, base_path: Path, checkpoint_dir: Path, status_dir: Path, run_id: str,
+             registry: CollectorRegistry, server: Any) -> int:
     import torch
 
     from analytics_jobs.analysis import BaseModel
@@ -102,12 +171,12 @@ def run(args: argparse.Namespace) -> int:
         base = BaseModel(base_path)
     except WeightsError as exc:
         fail(f"analytics: --base: {exc}")
-    status_dir = Path(args.status_dir)
     try:
         status_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(f"analytics: --status-dir: cannot create {args.status_dir}: {exc.strerror or exc}")
-    daemon = AnalyticsDaemon(base, checkpoint_dir, run_id=run_id, status_dir=status_dir, history=args.history)
+    daemon = AnalyticsDaemon(base, checkpoint_dir, run_id=run_id, status_dir=status_dir, history=args.history,
+                             registry=registry)
     if args.once:
         ckpt = daemon.newest_ready(report_skipped=False)
         if ckpt is None:
@@ -115,13 +184,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         return 0 if daemon.analyse(ckpt) else EXIT_FAILED
 
-    from prometheus_client import start_http_server
-
-    host, port = args.listen_address
-    try:
-        server, _ = start_http_server(port, addr=host, registry=daemon.registry)
-    except OSError as exc:
-        fail(f"analytics: cannot listen on {host}:{port}: {exc.strerror or exc}")
+    host = args.listen_address[0]
     log.info("analytics: serving /metrics on %s:%d (run_id %s); watching %s every %g s against %s (%d blocks)",
              host, server.server_address[1], run_id, checkpoint_dir, args.interval, base.name, base.num_blocks)
 
@@ -131,9 +194,5 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, stop)
-    try:
-        daemon.run_forever(args.interval)
-    finally:
-        server.shutdown()
-        server.server_close()
+    daemon.run_forever(args.interval)
     return 0

@@ -37,9 +37,10 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from exporter.config import ExporterConfig, derive_run_id, resolve_settings
+from exporter.config import ConfigError, ExporterConfig, derive_run_id, resolve_settings
 from exporter.core import PortInUseError, TrainingMonitor
 from exporter.evaluation import Contract, EvalExample, load_eval_set
+from exporter.files import dir_problem
 from exporter.phases import mark_batches
 
 log = logging.getLogger("training_exporter")
@@ -89,7 +90,8 @@ class PrometheusCallback(TrainerCallback):
 
     Raises:
         ConfigError: an unknown setting, or a bad value from any source; every
-            bad one is listed in the one error.
+            bad one is listed in the one error. A ``history.dir`` that is a file, or
+            has one in its path, is one too.
         ValueError: a malformed ``eval_set`` (every problem named in one error).
         PortInUseError: at ``on_train_begin``, when the listen address is taken
             and ``web.port_in_use`` is ``"fail"`` (the default, ``"continue"``,
@@ -120,6 +122,11 @@ class PrometheusCallback(TrainerCallback):
         **settings: Any,
     ) -> None:
         self.config = config.replace(**settings) if config is not None else resolve_settings(settings)
+        # A history.dir that a file is in the way of would fail only at the first evaluation: say so now.
+        # (The default, under the Trainer's output dir, is only known when training begins.)
+        if self.config.previews and self.config.history_dir:
+            if problem := dir_problem(self.config.history_dir):
+                raise ConfigError([f"history.dir: {problem}"])
         self.monitor: TrainingMonitor | None = None
         self._active = True
         self._eval_set: list[EvalExample] | None = None

@@ -30,10 +30,10 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
+from exporter import files
+from exporter.argtypes import MAX_SECONDS
 
 # Not on the Prometheus default-port allocation list at the time of writing.
 DEFAULT_PORT = 9945
@@ -81,6 +81,20 @@ class ExporterConfig:
             previous handler runs [``signals.sigterm``]. Defaults to ``True``.
         sigterm_timeout_seconds: the most a SIGTERM waits for that scrape; keep it below the
             scheduler's grace period [``web.sigterm_timeout_seconds``]. Defaults to ``25.0``.
+        web_config_file: the exporter-toolkit web configuration file (TLS, mutual TLS, basic
+            auth; docs/security.md); empty serves plain HTTP with no auth [``web.config_file``,
+            flag alias ``--web.config.file``]. Defaults to ``""``.
+        scrape_window_seconds: scrapes that arrive within this many seconds of the start of the
+            last render share it; 0 renders for every scrape [``web.scrape_window_seconds``].
+            Defaults to ``1.0``.
+        max_connections: connections open at once; one more is closed at once
+            [``web.max_connections``]. Defaults to ``64``.
+        max_requests_per_second: requests answered per second at most; one over the rate waits
+            (0: no bound) [``web.max_requests_per_second``]. Defaults to ``50.0``.
+        read_timeout_seconds: a request (TLS handshake and headers) must arrive, and its answer
+            be written, within this many seconds [``web.read_timeout_seconds``]. Defaults to ``10.0``.
+        idle_timeout_seconds: a kept-alive connection with no request for this long is closed
+            [``web.idle_timeout_seconds``]. Defaults to ``60.0``.
 
         run_id: value of the ``run_id`` label; empty derives it from the Trainer's output
             dir [``run_id``]. Defaults to ``""``.
@@ -200,6 +214,12 @@ class ExporterConfig:
     final_scrape_timeout_seconds: float = 120.0
     sigterm: bool = True
     sigterm_timeout_seconds: float = 25.0
+    web_config_file: str = ""
+    scrape_window_seconds: float = 1.0
+    max_connections: int = 64
+    max_requests_per_second: float = 50.0
+    read_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 60.0
     ranks: str = "zero"
     port_in_use: str = "continue"
     evaluation: bool = True
@@ -284,21 +304,43 @@ def _check_bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
 
 
+# Far above any real count, below what a C size (a deque's maxlen, a thread count) overflows at.
+MAX_INT = 2**31 - 1
+
+
 def _positive_int(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         return f"must be an integer >= 1, got {v!r}"
-    return None
+    return _at_most_max_int(v)
 
 
 def _non_negative_int(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         return f"must be an integer >= 0, got {v!r}"
-    return None
+    return _at_most_max_int(v)
+
+
+def _at_most_max_int(v: int) -> str | None:
+    return f"must be at most {MAX_INT}, got {str(v)[:40]}" if v > MAX_INT else None
 
 
 def _check_dir(v: Any) -> str | None:
     if not isinstance(v, str) or "\n" in v or "\0" in v:
         return "must be a single-line path (empty: the default)"
+    return None
+
+
+def _check_web_config(v: Any) -> str | None:
+    if not isinstance(v, str) or "\n" in v or "\0" in v:
+        return "must be a single-line path (empty: plain HTTP, no auth)"
+    if not v:
+        return None
+    from exporter.web import WebConfigError, load_web_config
+
+    try:
+        load_web_config(v)
+    except WebConfigError as exc:
+        return str(exc)
     return None
 
 
@@ -311,13 +353,18 @@ def _check_alpha(v: Any) -> str | None:
 def _check_linger(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         return f"must be a number of seconds >= 0, got {v!r}"
-    return None
+    return _at_most_a_year(v)
 
 
 def _check_window(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         return f"must be a number of seconds > 0, got {v!r}"
-    return None
+    return _at_most_a_year(v)
+
+
+def _at_most_a_year(v: float) -> str | None:
+    # time.sleep() and timer arithmetic overflow far above this; no setting means more than a year.
+    return f"must be at most {MAX_SECONDS:.0f} seconds (a year), got {v!r}" if v > MAX_SECONDS else None
 
 
 def _check_multiple(v: Any) -> str | None:
@@ -414,6 +461,22 @@ OPTIONS: tuple[Option, ...] = (
            "On SIGTERM, keep the process at most this many seconds for a scrape to read state terminated; "
            "keep it below the scheduler's grace period (Kubernetes and Slurm: 30 s). 0: no wait.",
            _check_linger, "float", aliases=("web.sigterm-timeout",)),
+    Option("web_config_file", "web.config_file",
+           "The exporter-toolkit web configuration file: TLS, mutual TLS and basic auth (docs/security.md); "
+           "empty: plain HTTP, no auth.", _check_web_config, aliases=("web.config.file",)),
+    Option("scrape_window_seconds", "web.scrape_window_seconds",
+           "Scrapes arriving within this many seconds of the start of the last render share it (N scrapers "
+           "cost one render); 0: a render for every scrape.", _check_linger, "float"),
+    Option("max_connections", "web.max_connections",
+           "Connections open at once; one more is closed at once and counted.", _positive_int, "int"),
+    Option("max_requests_per_second", "web.max_requests_per_second",
+           "Requests answered per second at most, whatever the clients; one over the rate waits, at no CPU "
+           "cost. 0: no bound.", _check_linger, "float"),
+    Option("read_timeout_seconds", "web.read_timeout_seconds",
+           "A request (TLS handshake and headers) must arrive, and its answer be written, within this many "
+           "seconds.", _check_window, "float"),
+    Option("idle_timeout_seconds", "web.idle_timeout_seconds",
+           "Close a kept-alive connection that sends no request for this many seconds.", _check_window, "float"),
     Option("run_id", "run_id",
            "Value of the run_id label; empty derives it from the Trainer's output dir.", _check_run_id),
     Option("labels", "labels",
@@ -546,8 +609,9 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         path: the file.
 
     Raises:
-        ConfigError: the file cannot be read, is not YAML or not a mapping, or has unknown
-            keys (every one listed).
+        ConfigError: the file cannot be read (not a regular file, over 1 MiB, not UTF-8), is not
+            YAML or not a mapping, its aliases expand too far, or it has unknown keys (each one listed,
+            up to 20, then their number).
 
     Example::
 
@@ -561,22 +625,24 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str]]:
+    # A regular file of at most files.MAX_CONFIG_BYTES, strict UTF-8, parsed by libyaml where present: /dev/zero,
+    # a FIFO, a 50 MB file or another encoding is one line, at once. Aliases are bounded too: a recursive one
+    # overflowed the stack in _flatten, and ten nested ones in a 1 KiB file expanded to 10^9 values.
+    name = f"config file {str(path)!r}"
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror or exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"config file {str(path)!r} is not valid YAML{where}"]) from None
+        data = files.load_yaml(path, "config file")
+        files.check_expansion(data, name)
+    except files.FileProblem as exc:
+        raise ConfigError([str(exc)]) from None
     if data is None:
         return {}, []
     if not isinstance(data, Mapping):
-        raise ConfigError([f"config file {str(path)!r} must hold a mapping at the top level"])
+        raise ConfigError([f"{name} must hold a mapping at the top level"])
     flat = _flatten(data)
-    problems = [f"unknown key {k!r}" for k in sorted(flat) if k not in _BY_YAML]
+    unknown = [f"unknown key {k!r}" for k in sorted(flat) if k not in _BY_YAML]
+    # Every unknown key is listed, up to a line a terminal can still show.
+    listed = 20
+    problems = unknown[:listed] + ([f"and {len(unknown) - listed} more unknown keys"] if len(unknown) > listed else [])
     return {_BY_YAML[k].attr: v for k, v in flat.items() if k in _BY_YAML}, problems
 
 

@@ -72,6 +72,7 @@ from exporter.evaluation import Contract, EvalExport, FixedEvaluator
 from exporter.flops import FlopMeter, backbone_of, device_peak, output_embedding
 from exporter.layers import ParamGroups
 from exporter.phases import CheckpointLog, PhaseTimer, checkpoint_duration
+from exporter.server import MetricsServer, ServerHooks, SharedExposition
 from exporter.version import __version__
 from exporter.watchdog import HangWatchdog
 
@@ -191,6 +192,10 @@ class TrainingMonitor:
 
         self._metrics: dict[str, Counter | Gauge | Histogram] = {}
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        for spec in (m.HTTP_REQUESTS, m.HTTP_REFUSED, m.EXPOSITION_RENDERS):
+            self._metrics[spec.name] = self._make(spec)
+        self.exposition = SharedExposition(self.registry, self.config.scrape_window_seconds,
+                                           on_render=self.child(m.EXPOSITION_RENDERS).inc)
         self._scrape = _ScrapeCollector(self._scrape_parts(), self)
         self.registry.register(self._scrape)
         for spec in m.ALL:
@@ -357,21 +362,23 @@ class TrainingMonitor:
         return int(self._httpd.server_address[1]) if self._httpd is not None else None
 
     def start(self) -> None:
-        """Serve /metrics. A taken port is logged in one line and counted, or raised if configured."""
+        """Serve /metrics. A taken port (or a web config file that no longer loads) is logged in one line and
+        counted, or raised if configured (``web.port_in_use: fail``); never served without its TLS or auth."""
         self.start_collectors()
         with self.errors.guard("http_server"):
             lifecycle.keep_serving(self)
         if self._httpd is not None:
             return
-        from prometheus_client import start_http_server
-
         host, port = self.config.host_port
         if self.config.ranks == "all" and port != 0:
             port += self.local_rank
         try:
-            self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            message = f"training-exporter: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            self._httpd = self.serve(host, port)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError):
+                message = f"training-exporter: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            else:
+                message = f"training-exporter: {exc}"
             if self.config.port_in_use == "fail":
                 raise PortInUseError(message) from None
             log.error("%s; training continues without a /metrics endpoint", message)
@@ -379,6 +386,29 @@ class TrainingMonitor:
             return
         with self.errors.guard("http_server"):
             lifecycle.watch_scrapes(self, self._httpd)
+
+    def serve(self, host: str, port: int) -> MetricsServer:
+        """A started :class:`~exporter.server.MetricsServer` of this monitor's exposition on ``host:port``.
+
+        Raises:
+            OSError: the address cannot be bound.
+            WebConfigError: ``web.config_file`` cannot be used (a ``ValueError``).
+        """
+        cfg = self.config
+        web = None
+        if cfg.web_config_file:
+            from exporter.web import WebConfigSource
+
+            web = WebConfigSource(cfg.web_config_file,
+                                  on_error=lambda exc: self.errors.record("http_server", exc))
+        hooks = ServerHooks(
+            on_request=lambda code: self.child(m.HTTP_REQUESTS, str(code)).inc(),
+            on_refused=lambda reason: self.child(m.HTTP_REFUSED, reason).inc(),
+            on_error=lambda exc: self.errors.record("http_server", exc),
+        )
+        return MetricsServer(host, port, self.exposition, web=web, max_connections=cfg.max_connections,
+                             read_timeout=cfg.read_timeout_seconds, idle_timeout=cfg.idle_timeout_seconds,
+                             max_requests_per_second=cfg.max_requests_per_second, hooks=hooks).start()
 
     def stop(self) -> None:
         """Stop serving now (:meth:`end` does it once the final state has been scraped)."""
@@ -1007,6 +1037,8 @@ class TrainingMonitor:
         self._state = state
         for s in m.STATES:
             self.child(m.STATE, s).set(1 if s == state else 0)
+        # A scrape after a change of state never gets a render from before it.
+        self.exposition.invalidate()
 
     def end(self, state: str = "completed", linger: bool = True) -> None:
         """Mark the run finished, export what is pending, optionally linger (``web.linger_seconds``, blocking),

@@ -47,7 +47,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ from urllib.parse import parse_qs
 
 if TYPE_CHECKING:
     from exporter.core import TrainingMonitor
+    from exporter.server import MetricsServer, Request
 
 log = logging.getLogger("training_exporter")
 
@@ -70,7 +71,6 @@ CLOSE_S = 2.0
 # Clients whose awaited time has passed are forgotten once there are this many.
 MAX_CLIENTS = 64
 
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 SignalHandler = Callable[[int, FrameType | None], Any]
 
 
@@ -100,30 +100,18 @@ class ScrapeLog:
         self._armed = False
         self.answered = 0
 
-    def wrap(self, app: WsgiApp) -> WsgiApp:
-        """The WSGI app ``app`` with its answers to scrapes recorded."""
+    def begin(self, request: Request) -> tuple[tuple[str, str], int | None] | None:
+        """A scrape starts (:class:`exporter.server.Observer`): who it is, and which final state it can read."""
+        if not _reads_state(request):
+            return None
+        key = (request.remote_addr, request.header("user-agent"))
+        with self._cond:
+            return key, (self._generation if self._armed else None)
 
-        def metrics_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if not _reads_state(environ):
-                return app(environ, start_response)
-            key = (str(environ.get("REMOTE_ADDR", "")), str(environ.get("HTTP_USER_AGENT", "")))
-            with self._cond:
-                generation = self._generation if self._armed else None
-            status: list[str] = []
-
-            def start(st: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-                status.append(st)
-                return start_response(st, headers, exc_info)
-
-            body = app(environ, start)
-
-            def answered() -> None:
-                if status and status[-1].startswith("200"):
-                    self._answered(key, generation)
-
-            return _Body(body, answered)
-
-        return metrics_app
+    def end(self, token: tuple[tuple[str, str], int | None] | None, status: int, complete: bool) -> None:
+        """The scrape is answered; only a full 200 answer reads the state (a client that hung up read nothing)."""
+        if token is not None and complete and status == 200:
+            self._answered(*token)
 
     def _answered(self, key: tuple[str, str], generation: int | None) -> None:
         now = time.monotonic()
@@ -187,33 +175,10 @@ class ScrapeLog:
             return False
 
 
-class _Body:
-    """A response body whose ``close()``, which the WSGI server calls after the last write, reports a full
-    answer (a client that hung up midway read nothing)."""
-
-    def __init__(self, inner: Iterable[bytes], on_answered: Callable[[], None]) -> None:
-        self._inner = inner
-        self._on_answered = on_answered
-        self._complete = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._inner
-        self._complete = True
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if self._complete:
-                self._on_answered()
-
-
-def _reads_state(environ: dict[str, Any]) -> bool:
-    if environ.get("REQUEST_METHOD", "GET") != "GET" or environ.get("PATH_INFO") == "/favicon.ico":
+def _reads_state(request: Request) -> bool:
+    if request.method != "GET" or request.path == "/favicon.ico":
         return False
-    names = parse_qs(str(environ.get("QUERY_STRING", ""))).get("name[]")
+    names = parse_qs(request.query).get("name[]")
     return not names or STATE_METRIC in names
 
 
@@ -307,10 +272,10 @@ def scrapes(mon: TrainingMonitor) -> ScrapeLog:
     return finale(mon).scrapes
 
 
-def watch_scrapes(mon: TrainingMonitor, httpd: Any) -> None:
-    """Record the answers of ``httpd`` (a wsgiref server, as prometheus_client's start_http_server returns)."""
+def watch_scrapes(mon: TrainingMonitor, httpd: MetricsServer) -> None:
+    """Record the answers of ``httpd``."""
     fin = finale(mon)
-    httpd.set_app(fin.scrapes.wrap(httpd.get_app()))
+    httpd.add_observer(fin.scrapes)
     fin.serving = True
 
 
@@ -334,6 +299,8 @@ def stopped(mon: TrainingMonitor) -> None:
 
 
 def final_state_set(mon: TrainingMonitor) -> None:
+    # A render shared from before the final state must not count as its read.
+    mon.exposition.invalidate()
     finale(mon).scrapes.arm()
 
 

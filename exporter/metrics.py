@@ -473,6 +473,24 @@ COLLECTOR_ERRORS = _c(
     labels=("collector",),
     source="self",
 )
+HTTP_REQUESTS = _c(
+    "training_exporter_http_requests_total",
+    "Requests answered by the /metrics endpoint, by HTTP status code.",
+    labels=("code",),
+    source="self",
+)
+HTTP_REFUSED = _c(
+    "training_exporter_http_connections_refused_total",
+    "Connections closed unanswered: over web.max_connections (limit), a failed TLS handshake or client "
+    "certificate (tls), a request too slow to arrive or be read (timeout).",
+    labels=("reason",),
+    source="self",
+)
+EXPOSITION_RENDERS = _c(
+    "training_exporter_exposition_renders_total",
+    "Renders of the exposition; scrapes within web.scrape_window_seconds of one share it.",
+    source="self",
+)
 COLLECTOR_DURATION = _g(
     "training_exporter_scrape_collector_duration_seconds",
     "Time the collector took during the last scrape.",

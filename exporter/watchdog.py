@@ -177,7 +177,9 @@ class HangWatchdog:
         try:
             os.makedirs(mon.output_dir, exist_ok=True)
             path = os.path.join(mon.output_dir, f"training-exporter-hang-rank{mon.rank}-{int(time.time())}.txt")
-            with open(path, "w", encoding="utf-8") as f:
+            # Never through a symlink planted under that name.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+            with os.fdopen(os.open(path, flags, 0o644), "w", encoding="utf-8") as f:
                 f.write(_header(mon, idle, self.threshold))
                 f.flush()
                 # Writes straight to the descriptor, from C: it works whatever the other threads hold.

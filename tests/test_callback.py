@@ -73,6 +73,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cb = PrometheusCallback(
         listen_address="127.0.0.1:0", layers_interval=2, update_ratio_interval=4, predictions_interval=4,
         min_sample_period_seconds=0,
+        scrape_window_seconds=0,  # each probe reads the step it is taken at, never a shared earlier render
     )
     probe = Probe(cb, {NAN_STEP, MAX_STEPS})
     trainer = build_trainer(
@@ -177,7 +178,8 @@ def test_broken_collector_does_not_stop_training(tmp_path: Path, monkeypatch: py
         raise OSError("/proc unreadable")
 
     monkeypatch.setattr(HostCollector, "collect", broken)
-    cb = PrometheusCallback(listen_address="127.0.0.1:0", run_id="broken")
+    # Window 0: the probe at step 4 reads step 4, not a render shared with the probe at step 2.
+    cb = PrometheusCallback(listen_address="127.0.0.1:0", run_id="broken", scrape_window_seconds=0)
     probe = Probe(cb, {2, 4})
     trainer = build_trainer([cb, probe], output_dir=str(tmp_path / "x"), max_steps=4, save_strategy="no",
                             per_device_train_batch_size=4, disable_tqdm=True)

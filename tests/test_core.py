@@ -22,7 +22,8 @@ from exporter.config import ExporterConfig
 from exporter.core import PortInUseError, TrainingMonitor
 from exporter.layers import ParamGroups, layer_and_module
 
-QUIET = {"gpu": False, "host": False}
+# No watchdog: these monitors are left in state training, and its dump would land in the working directory.
+QUIET = {"gpu": False, "host": False, "watchdog": False}
 
 
 def sample(mon: TrainingMonitor, name: str, **labels: str) -> float | None:

@@ -85,6 +85,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         listen_address="127.0.0.1:0", gpu=False, eval_set=eval_set, tokenizer=CharTokenizer(),
         eval_contract=DIGITS_ONLY, eval_interval=INTERVAL, eval_budget=26, eval_failure_pool=4,
         drift_window=20, drift_reference_batches=20, drift_sample_every=1,
+        scrape_window_seconds=0,  # each probe reads the step it is taken at, never a shared earlier render
     )
     probe = Probe(cb)
     trainer = one_digit_trainer([cb, probe], out, STEPS, eval_strategy="steps", eval_steps=TRAINER_EVAL_STEPS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from exporter.argtypes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, fail
 from exporter.callback import PrometheusCallback
@@ -47,12 +48,28 @@ from exporter.demo.task import (
 )
 from exporter.demo.task import make_training_args as task_training_args
 
-__all__ = ["EVAL_EXAMPLES", "TRAIN_EXAMPLES", "build_trainer", "run_demo", "train_demo"]
+__all__ = ["EVAL_EXAMPLES", "TRAIN_EXAMPLES", "build_trainer", "demo_training_args", "run_demo", "train_demo"]
 
 log = logging.getLogger("training_exporter")
 
 TRAIN_EXAMPLES = 20_000
 EVAL_EXAMPLES = 256
+
+
+def demo_training_args(
+    *,
+    output_dir: str,
+    max_steps: int,
+    save_steps: int = 100,
+    seed: int = 0,
+    eval_steps: int | None = None,
+    **overrides: Any,
+) -> TrainingArguments:
+    """The `TrainingArguments` that :func:`build_trainer` builds from the same keyword arguments."""
+    extra: dict[str, Any] = {"save_steps": save_steps, "seed": seed, **overrides}
+    if eval_steps:
+        extra.update(eval_strategy="steps", eval_steps=eval_steps, per_device_eval_batch_size=64)
+    return task_training_args(output_dir, max_steps, **extra)
 
 
 def build_trainer(
@@ -66,11 +83,13 @@ def build_trainer(
     eval_steps: int | None = None,
     model_size: Mapping[str, int] | None = None,
     train_examples: int = TRAIN_EXAMPLES,
+    training_args: TrainingArguments | None = None,
     **overrides: Any,
 ) -> Trainer:
     """The demo's Trainer, also used by the tests and the benchmarks.
 
-    ``model_size`` (``n_layer``, ``n_embd``, ``n_head``) overrides the tiny default model.
+    ``model_size`` (``n_layer``, ``n_embd``, ``n_head``) overrides the tiny default model. ``training_args``,
+    when given, are :func:`demo_training_args` of the same keyword arguments, built already.
     """
     tokenizer = CharTokenizer()
     size = dict(model_size or {})
@@ -79,12 +98,11 @@ def build_trainer(
     injector = FaultInjector(faults)
     # Registered before the exporter's own hook, so the exporter sees the injected loss.
     injector.attach(model)
-    extra: dict[str, Any] = {"save_steps": save_steps, "seed": seed, **overrides}
     eval_dataset = None
     if eval_steps:
-        extra.update(eval_strategy="steps", eval_steps=eval_steps, per_device_eval_batch_size=64)
         eval_dataset = ArithmeticDataset(EVAL_EXAMPLES, seed=seed + 1, tokenizer=tokenizer)
-    args = task_training_args(output_dir, max_steps, **extra)
+    args = training_args or demo_training_args(output_dir=output_dir, max_steps=max_steps, save_steps=save_steps,
+                                               seed=seed, eval_steps=eval_steps, **overrides)
     return Trainer(
         model=model,
         args=args,
@@ -107,30 +125,29 @@ def train_demo(
     eval_steps: int | None = None,
     train_examples: int = TRAIN_EXAMPLES,
     learning_rate: float | None = None,
+    reserved: socket.socket | None = None,
 ) -> None:
+    """Build the demo's Trainer and train it, serving /metrics from before the model is built.
+
+    ``reserved``: a socket holding the listen address since the command line was checked (see
+    ``exporter.demo.cli``); closed just before the exporter binds the address for good.
+
+    Raises:
+        PortInUseError: the listen address is taken and ``web.port_in_use`` is ``"fail"``; before the model is
+            built.
+    """
     extra: dict[str, Any] = {} if learning_rate is None else {"learning_rate": learning_rate}
-    trainer = build_trainer(
-        [callback],
-        output_dir=output_dir,
-        max_steps=max_steps,
-        save_steps=save_steps,
-        faults=faults,
-        seed=seed,
-        eval_steps=eval_steps or max(max_steps // 5, 1),
-        logging_steps=logging_steps,
-        train_examples=train_examples,
-        **extra,
-    )
-    if not torch.cuda.is_available():
-        # A model this small gains nothing from intra-op threads, and on a busy
-        # 2-core machine their spinning made steps up to 40x slower.
-        torch.set_num_threads(1)
+    eval_steps = eval_steps or max(max_steps // 5, 1)
+    args = demo_training_args(output_dir=output_dir, max_steps=max_steps, save_steps=save_steps, seed=seed,
+                              eval_steps=eval_steps, logging_steps=logging_steps, **extra)
     monitor = None
     if isinstance(callback, PrometheusCallback):
         callback.set_evaluation(make_eval_set(seed=seed), CharTokenizer(), contract=DIGITS_ONLY)
-        # Start serving before the first step so a taken port fails fast.
-        callback.setup(trainer.args, trainer.state, trainer.model)
+        # Serve before the model and the data are built: a taken port fails fast, and the build is scrapeable.
+        callback.setup(args, TrainerState(), None)
         monitor = callback.monitor
+    if reserved is not None:
+        reserved.close()
     if monitor is not None:
         monitor.start()
         if monitor.port is not None:
@@ -138,6 +155,20 @@ def train_demo(
             shown = "localhost" if host in ("0.0.0.0", "::") else host
             log.info("training-exporter: serving metrics on http://%s:%d/metrics (run_id=%s)",
                      shown, monitor.port, monitor.run_id)
+    trainer = build_trainer(
+        [callback],
+        output_dir=output_dir,
+        max_steps=max_steps,
+        faults=faults,
+        seed=seed,
+        eval_steps=eval_steps,
+        train_examples=train_examples,
+        training_args=args,
+    )
+    if not torch.cuda.is_available():
+        # A model this small gains nothing from intra-op threads, and on a busy
+        # 2-core machine their spinning made steps up to 40x slower.
+        torch.set_num_threads(1)
     if faults:
         log.info("training-exporter: injecting %s", ", ".join(map(str, faults)))
     trainer.train()

@@ -10,14 +10,21 @@ defaults (7 and 30) a file stays plain while its age is 0..7, is gzipped at
 age 8..30 and is deleted at age 31, so a history holds 31 days. Each line is
 one record of :mod:`exporter.previews.records`.
 
-Concurrency: :meth:`PreviewHistory.append` writes a whole batch with one
-``os.write`` on an ``O_APPEND`` descriptor while holding an exclusive
-``flock``; compression holds the same lock on the day file from before the
-gzip is written until the plain file is removed, and readers take a shared
+Concurrency: :meth:`PreviewHistory.append` writes a whole batch on an
+``O_APPEND`` descriptor while holding an exclusive ``flock``; compression
+holds the same lock on the day file from before the gzip is written until the
+plain file is removed, and readers take a shared
 lock while they read a plain file. So lines from several threads or processes
 never interleave, a reader never sees half a line, and no line is lost when a
 writer waited on a file that was compressed meanwhile (it reopens the path).
 ``flock`` is advisory and may not work on some network file systems.
+
+Files: a day file is opened without following a symlink (``O_NOFOLLOW``) and
+must be a regular file, so a symlink planted in the directory cannot send
+lines outside it; a batch the disk refuses part of (full, quota, file size
+limit) is truncated away again, so the file is left as it was
+(:mod:`exporter.files`). Either failure is a :class:`PreviewHistoryError`,
+which the fixed evaluation counts and logs once.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from exporter.files import FileProblem, append_whole, open_append
 from exporter.previews.layout import day_path, list_days
 from exporter.previews.query import PreviewFilter, QueryStats, iter_query, read_page
 from exporter.previews.records import (
@@ -110,7 +118,8 @@ class PreviewHistory:
         """Append the records to today's file as one write; returns the number of lines written.
 
         Raises :class:`InvalidPreviewRecord` (nothing written) when a record does
-        not match the schema, :class:`PreviewHistoryError` when the disk refuses.
+        not match the schema, :class:`PreviewHistoryError` when the disk refuses
+        (nothing written either) or the day file is a symlink or not a regular file.
         Runs :meth:`maintain` after the first write of each UTC day; its failures
         are logged and counted in ``maintain_errors``, not raised, because the
         lines were written.
@@ -138,6 +147,8 @@ class PreviewHistory:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._write(path, b"\n".join(lines) + b"\n")
+        except FileProblem as exc:
+            raise PreviewHistoryError(str(exc)) from exc
         except OSError as exc:
             raise PreviewHistoryError(f"cannot append to {path}: {exc}") from exc
         with self._lock:
@@ -161,21 +172,22 @@ class PreviewHistory:
         # Each retry means the file was compressed and removed while we waited on its lock; a new, empty
         # file is never compressed, so the second try normally succeeds.
         for _ in range(100):
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Refuses a symlink or anything but a regular file (FileProblem), before any byte is written.
+            fd = open_append(path, "preview history file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 info = os.fstat(fd)
                 if info.st_nlink == 0:
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    if os.stat(path).st_ino != info.st_ino:
+                    # lstat: a symlink put in its place meanwhile is a different file, refused on the reopen.
+                    if os.lstat(path).st_ino != info.st_ino:
                         continue
-                # A writer that died mid-line left a partial line: end it so ours stays whole.
+                # A writer killed mid-line left a partial line: end it so ours stays whole.
                 if info.st_size and os.pread(fd, 1, info.st_size - 1) != b"\n":
                     data = b"\n" + data
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                # All of it or, when the disk refuses part, none: truncated back under the lock.
+                append_whole(fd, data)
                 return
             finally:
                 os.close(fd)  # also releases the lock
@@ -211,10 +223,13 @@ class PreviewHistory:
     def _compress(self, day: date) -> None:
         source, target = self.path_for(day), self.path_for(day, compressed=True)
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            # Not through a symlink either: that would copy a file from outside into the history.
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{source} is not a regular file")
             # Held until the plain file is gone: appenders wait and then reopen, readers see either file.
             fcntl.flock(fd, fcntl.LOCK_EX)
             info = os.fstat(fd)
