@@ -362,6 +362,12 @@ def _check_window(v: Any) -> str | None:
     return _at_most_a_year(v)
 
 
+def _check_rate(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        return f"must be a number >= 0, got {v!r}"
+    return None
+
+
 def _at_most_a_year(v: float) -> str | None:
     # time.sleep() and timer arithmetic overflow far above this; no setting means more than a year.
     return f"must be at most {MAX_SECONDS:.0f} seconds (a year), got {v!r}" if v > MAX_SECONDS else None
@@ -471,7 +477,7 @@ OPTIONS: tuple[Option, ...] = (
            "Connections open at once; one more is closed at once and counted.", _positive_int, "int"),
     Option("max_requests_per_second", "web.max_requests_per_second",
            "Requests answered per second at most, whatever the clients; one over the rate waits, at no CPU "
-           "cost. 0: no bound.", _check_linger, "float"),
+           "cost. 0: no bound.", _check_rate, "float"),
     Option("read_timeout_seconds", "web.read_timeout_seconds",
            "A request (TLS handshake and headers) must arrive, and its answer be written, within this many "
            "seconds.", _check_window, "float"),
@@ -578,7 +584,7 @@ OPTIONS: tuple[Option, ...] = (
            "stack to the output dir once.", _check_bool, "bool"),
     Option("peak_flops", "mfu.peak_flops_per_second",
            "Peak FLOP/s of one device for MFU (0: look the device name and training dtype up in the table).",
-           _check_linger, "float"),
+           _check_rate, "float"),
     Option("watchdog_multiple", "watchdog.multiple",
            "Suspect a hang after this many recent median step times without a step.", _check_multiple, "float"),
     Option("watchdog_floor_seconds", "watchdog.floor_seconds",

@@ -248,3 +248,15 @@ def test_cli_bad_config_file_exits_2(tmp_path: Path) -> None:
         "training-exporter: error: invalid configuration: unknown key 'collectors.nvme'; "
         "collectors.gpu: must be true or false, got 'maybe'"
     ]
+
+
+def test_values_that_would_overflow_later_are_refused_up_front() -> None:
+    # deque(maxlen=10**21) and time.sleep(1e300) raise OverflowError, the first after the model is built and
+    # the second at the end of a run; a rate or a peak FLOP/s has no such bound.
+    with pytest.raises(ConfigError) as err:
+        ExporterConfig.from_kwargs(variance_window=10**21, linger_seconds=1e300, watchdog_floor_seconds=1e300)
+    text = str(err.value)
+    assert "loss.variance_window: must be at most 2147483647" in text
+    assert "web.linger_seconds: must be at most 31536000 seconds (a year)" in text
+    assert "watchdog.floor_seconds: must be at most 31536000 seconds (a year)" in text
+    assert ExporterConfig.from_kwargs(peak_flops=1.979e15, max_requests_per_second=1e6).peak_flops == 1.979e15

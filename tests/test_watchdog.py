@@ -37,7 +37,9 @@ BLOCK = 1.5
 def config(**overrides: Any) -> ExporterConfig:
     return ExporterConfig(**{
         "listen_address": "127.0.0.1:0", "gpu": False, "host": False, "final_scrape_timeout_seconds": 0,
-        "watchdog_floor_seconds": FLOOR, "watchdog_multiple": MULTIPLE, **overrides,
+        "watchdog_floor_seconds": FLOOR, "watchdog_multiple": MULTIPLE,
+        # The scraper follows the gauge as it changes: no render shared over a second.
+        "scrape_window_seconds": 0, **overrides,
     })
 
 
