@@ -30,6 +30,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -363,12 +364,17 @@ def _read_for(fd: int, seconds: float) -> bytes:
 
 def test_watch_redraws_in_place_and_stops_on_ctrl_c(stack: Stack) -> None:
     _improving_report(stack)  # the run is up and past its first steps
-    argv = [sys.executable, "-m", "exporter.cli", "advise", "--prometheus", stack.url, "--run-id", "adv-improving",
-            "--watch", "0.5"]
+    argv = [sys.executable, "-X", "faulthandler", "-m", "exporter.cli", "advise", "--prometheus", stack.url,
+            "--run-id", "adv-improving", "--watch", "0.5"]
     # On a terminal: each refresh clears the screen and redraws.
     main, child = pty.openpty()
     proc = subprocess.Popen(argv, stdout=child, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
     os.close(child)
+    # Drained all along: a child blocked on a full stderr pipe would never exit, and what it says matters.
+    stderr: list[bytes] = []
+    assert proc.stderr is not None
+    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
+    drain.start()
     try:
         # Ctrl-C after 3 s and three screens drawn (the start, torch import included, is slow on a loaded
         # machine: a Ctrl-C before the watch loop runs tests nothing).
@@ -382,6 +388,10 @@ def test_watch_redraws_in_place_and_stops_on_ctrl_c(stack: Stack) -> None:
         deadline = time.monotonic() + 30.0
         while proc.poll() is None and time.monotonic() < deadline:
             shown += _read_for(main, 0.2)
+        if proc.poll() is None:  # hung: faulthandler (-X faulthandler) prints every thread's stack on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            drain.join(10)
+            raise AssertionError(f"still running 30 s after Ctrl-C; its stacks:\n{b''.join(stderr).decode()}")
         assert proc.wait(1) == 0
         shown += _read_for(main, 0.5)
     finally:
@@ -390,7 +400,8 @@ def test_watch_redraws_in_place_and_stops_on_ctrl_c(stack: Stack) -> None:
             proc.wait()
         os.close(main)
     text = shown.decode(errors="replace")
-    assert proc.stderr is not None and proc.stderr.read() == b""
+    drain.join(10)
+    assert stderr == [b""]
     frames = text.split(CLEAR)[1:]
     assert len(frames) >= 2, text
     steps = [int(m[1]) for m in (re.search(r"step (\d+)/2000", f) for f in frames) if m]

@@ -16,6 +16,7 @@ Alertmanager for when things happen.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -90,16 +91,27 @@ __all__ = [
 
 
 def free_port_pair() -> int:
-    """A free loopback port whose successor is free too (with ranks: all, rank 1 serves on base + 1)."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
+    """A free loopback port whose successor is free too (with ranks: all, rank 1 serves on base + 1).
+
+    Both lie below the kernel's ephemeral range (``net.ipv4.ip_local_port_range``): a port the kernel hands
+    out (``free_port()``) has neighbours that any outgoing connection of the suite, gloo's among them, may
+    take as its local port before rank 1 binds it.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1025, low - 12000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as a, \
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no two consecutive free ports found")
 
 
