@@ -346,6 +346,10 @@ def test_improving_run_continues_with_progress_and_eta(stack: Stack) -> None:
     assert (demo.output_dir / f"checkpoint-{r.evaluation.best_checkpoint}").is_dir()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _read_for(fd: int, seconds: float) -> bytes:
     out = b""
     end = time.monotonic() + seconds
@@ -368,7 +372,10 @@ def test_watch_redraws_in_place_and_stops_on_ctrl_c(stack: Stack) -> None:
             "--run-id", "adv-improving", "--watch", "0.5"]
     # On a terminal: each refresh clears the screen and redraws.
     main, child = pty.openpty()
-    proc = subprocess.Popen(argv, stdout=child, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+    # SIGINT at its default disposition, as from a terminal: a SIG_IGN inherited from the test process (set by
+    # an earlier test of the suite) makes the child ignore Ctrl-C: its stacks showed it asleep in the watch loop.
+    proc = subprocess.Popen(argv, stdout=child, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT,
+                            preexec_fn=_default_sigint)
     os.close(child)
     # Drained all along: a child blocked on a full stderr pipe would never exit, and what it says matters.
     stderr: list[bytes] = []
@@ -409,7 +416,8 @@ def test_watch_redraws_in_place_and_stops_on_ctrl_c(stack: Stack) -> None:
     assert all("\nrecommendation: " in f for f in frames[:-1]), frames
 
     # Piped with --json: one document per refresh, one per line.
-    piped = subprocess.Popen([*argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True)
+    piped = subprocess.Popen([*argv, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True,
+                             preexec_fn=_default_sigint)
     time.sleep(2.0)
     piped.send_signal(signal.SIGINT)
     out, err = piped.communicate(timeout=10)
