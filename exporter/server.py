@@ -136,7 +136,6 @@ class SharedExposition:
         self._render_lock = threading.Lock()
         self._generation = 0
         self._cache: dict[tuple[str, tuple[str, ...]], _Render] = {}
-        self.renders = 0
 
     def invalidate(self) -> None:
         """What was rendered is out of date: the next scrape renders afresh."""
@@ -175,7 +174,6 @@ class SharedExposition:
                     self._cache.clear()
                 if self._generation == at_start:
                     self._cache[key] = render
-            self.renders += 1
             if self._on_render is not None:
                 self._on_render()
             return render
